@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny checkpoints in the real formats, and synthetic images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from checkpoints import write_eva, write_vit  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def eva_dir(tmp_path_factory):
+    """Tiny EVA02 TimmWrapper checkpoint; scores spread over (0, 1)."""
+    return write_eva(tmp_path_factory.mktemp("eva"))
+
+
+@pytest.fixture(scope="session")
+def eva_nsfw_dir(tmp_path_factory):
+    """Tiny EVA02 checkpoint that puts every image in "high" (flagged at any level)."""
+    return write_eva(tmp_path_factory.mktemp("eva_nsfw"), bias="nsfw")
+
+
+@pytest.fixture(scope="session")
+def eva_safe_dir(tmp_path_factory):
+    """Tiny EVA02 checkpoint that puts every image in "neutral" (never flagged)."""
+    return write_eva(tmp_path_factory.mktemp("eva_safe"), bias="safe")
+
+
+@pytest.fixture(scope="session")
+def vit_dir(tmp_path_factory):
+    """Tiny ViT sfw/nsfw checkpoint with preprocessor_config.json; scores spread."""
+    return write_vit(tmp_path_factory.mktemp("vit"))
+
+
+@pytest.fixture(scope="session")
+def vit_nsfw_dir(tmp_path_factory):
+    return write_vit(tmp_path_factory.mktemp("vit_nsfw"), bias="nsfw")
+
+
+@pytest.fixture(scope="session")
+def vit_safe_dir(tmp_path_factory):
+    return write_vit(tmp_path_factory.mktemp("vit_safe"), bias="safe")
