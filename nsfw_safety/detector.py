@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +49,12 @@ class Scores:
 
     def __len__(self) -> int:
         return len(self.levels)
+
+    def __getitem__(self, index: int | slice | list[int] | torch.Tensor) -> Scores:
+        """The scores of some of the images, as a :class:`Scores` (an int gives a batch of one)."""
+        if isinstance(index, int):
+            index = [index]
+        return Scores(self.probs[index], self.levels[index], self.labels, self.status[index])
 
     @property
     def valid(self) -> torch.Tensor:
@@ -91,9 +98,11 @@ class Detector:
 
     Use :func:`load_detector` to make one. ``device`` and ``dtype`` are those of the model's
     weights, so they follow the model wherever a host (diffusers, ComfyUI) moves it.
+    ``path`` is the local checkpoint directory it was built from (None if unknown).
     """
 
-    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, compile: bool = False):
+    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, compile: bool | str = False,
+                 path: Path | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model: nn.Module = loaded.module
@@ -102,9 +111,12 @@ class Detector:
         self.model_id = loaded.model_id
         self.revision = loaded.revision
         self.spec: ModelSpec | None = loaded.spec
+        self.path = path
         self.max_batch_size = max_batch_size
         self._level_matrix = level_matrix(self.labels)
-        self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
+        # a string names torch.compile's mode (torch rejects unknown ones here)
+        mode = compile if isinstance(compile, str) else None
+        self._forward = torch.compile(self.model, dynamic=False, mode=mode) if compile else self.model
         self._lock = threading.Lock()  # one batch at a time: servers call from worker threads
 
     def __repr__(self) -> str:
@@ -161,7 +173,7 @@ class Detector:
             raise ValueError("no images to score")
         with self._lock:
             device, dtype = self.device, self.dtype
-            parts, start, chunk = [], 0, self.max_batch_size
+            parts, start, chunk = [], 0, min(self.max_batch_size, len(pixels))
             while start < len(pixels):
                 batch = pixels[start : start + chunk]
                 try:
@@ -210,7 +222,7 @@ _CACHE_LOCK = threading.Lock()
 def load_detector(model: str | os.PathLike = DEFAULT_MODEL, *, revision: str | None = None,
                   token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
                   local_files_only: bool = False, device: torch.device | str | None = None,
-                  dtype: torch.dtype | str | None = None, compile: bool = False,
+                  dtype: torch.dtype | str | None = None, compile: bool | str = False,
                   max_batch_size: int = 32) -> Detector:
     """Load (or reuse) a detector.
 
@@ -221,7 +233,8 @@ def load_detector(model: str | os.PathLike = DEFAULT_MODEL, *, revision: str | N
             ``HF_HUB_OFFLINE=1`` is honoured.
         device: default CUDA when available, else CPU.
         dtype: default ``"auto"``: bf16 on CUDA, fp32 on CPU.
-        compile: wrap the model in ``torch.compile`` (best with a fixed batch size).
+        compile: wrap the model in ``torch.compile`` (best with a fixed batch size); a string
+            picks its mode, e.g. ``"reduce-overhead"`` (CUDA graphs) or ``"max-autotune"``.
         max_batch_size: larger inputs are scored in chunks of this size; halved on CUDA OOM.
     Raises:
         ModelLoadError: the model cannot be found or built; the message says what to do.
@@ -235,6 +248,6 @@ def load_detector(model: str | os.PathLike = DEFAULT_MODEL, *, revision: str | N
         if key not in _CACHE:
             loaded = load_model(path, model_id, revision, spec)
             loaded.module.to(dev, dt)
-            _CACHE[key] = Detector(loaded, max_batch_size=max_batch_size, compile=compile)
+            _CACHE[key] = Detector(loaded, max_batch_size=max_batch_size, compile=compile, path=path)
             log.info("loaded %s on %s in %s", model_id, dev, dt)
         return _CACHE[key]

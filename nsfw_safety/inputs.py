@@ -109,11 +109,11 @@ def prepare(images: Any, *, value_range: ValueRange = (0.0, 1.0), layout: str | 
 
 def _infer_layout(shape: tuple[int, ...], layout: str | None, name: str) -> str:
     if any(s == 0 for s in shape):
-        raise ValueError(f"{name} has zero size (shape {tuple(shape)})")
+        raise ValueError(f"{name} has zero size")
     rank = len(shape)
     if layout is not None:
         if len(layout) != rank:
-            raise ValueError(f"{name} has shape {tuple(shape)} but layout={layout!r} needs rank {len(layout)}")
+            raise ValueError(f"{name}: layout={layout!r} needs rank {len(layout)}")
         c = shape[layout.index("C")] if "C" in layout else 1
         if c not in (1, 3, 4):
             raise ValueError(f"{name} has {c} channels in layout {layout}: expected 1, 3 or 4")
@@ -121,26 +121,24 @@ def _infer_layout(shape: tuple[int, ...], layout: str | None, name: str) -> str:
     if rank == 2:
         return "HW"
     if rank not in (3, 4):
-        raise ValueError(f"{name} has rank {rank} (shape {tuple(shape)}): expected (B,C,H,W), "
+        raise ValueError(f"{name} has rank {rank}: expected (B,C,H,W), "
                          f"(B,H,W,C), (C,H,W), (H,W,C) or (H,W)")
     first, last = shape[-3], shape[-1]
     chw, hwc = first in (1, 3, 4), last in (1, 3, 4)
     b = "B" if rank == 4 else ""
     if chw and hwc:
-        raise ValueError(f"{name} has shape {tuple(shape)}, which could be {b}CHW or {b}HWC: "
+        raise ValueError(f"{name} could be {b}CHW or {b}HWC: "
                          f"pass layout='{b}CHW' or layout='{b}HWC'")
     if not (chw or hwc):
-        raise ValueError(f"{name} has shape {tuple(shape)}: no channel dimension of size 1, 3 or 4 "
+        raise ValueError(f"{name} has no channel dimension of size 1, 3 or 4 "
                          f"(more than 4 channels is not an image)")
     return b + ("CHW" if chw else "HWC")
 
 
-def _to_unit(x: torch.Tensor, value_range: ValueRange, name: str) -> torch.Tensor:
+def _to_unit(x: torch.Tensor, value_range: ValueRange) -> torch.Tensor:
     """Integer or float pixels -> float in [0, 1] (clamped; NaN stays NaN)."""
     if x.dtype == torch.uint8:
         return x.float() / 255.0
-    if x.dtype not in _FLOAT:
-        raise TypeError(f"{name} has dtype {x.dtype}: expected uint8 or a float dtype")
     if x.dtype == torch.float64:
         x = x.float()
     lo, hi = value_range
@@ -183,6 +181,8 @@ def _prepare_array(images, value_range, layout, device) -> Prepared:
         orig = torch.from_numpy(np.ascontiguousarray(images))
     else:
         orig = images
+    if orig.dtype != torch.uint8 and orig.dtype not in _FLOAT:
+        raise TypeError(f"{name} has dtype {orig.dtype}: expected uint8 or a float dtype")
     lay = _infer_layout(tuple(orig.shape), layout, name)
     device = torch.device(device) if device is not None else orig.device
     # canonical (B, C, H, W) view of the caller's data, still in its dtype
@@ -194,9 +194,12 @@ def _prepare_array(images, value_range, layout, device) -> Prepared:
     if lay.endswith("HWC"):
         x = x.permute(0, 3, 1, 2)
     raw = x
-    pixels = _to_rgb(_to_unit(raw.to(device, non_blocking=True), value_range, name))
-    finite = torch.isfinite(pixels).flatten(1).all(1) if pixels.is_floating_point() else \
-        torch.ones(len(pixels), dtype=torch.bool, device=device)
+    # a non-blocking copy to the CPU lands in pinned memory that is read before the copy ends
+    moved = raw.to(device, non_blocking=device.type != "cpu")
+    # checked before _to_unit, whose clamp turns +-Inf into 1 and 0
+    finite = torch.isfinite(moved).flatten(1).all(1) if moved.is_floating_point() else \
+        torch.ones(len(moved), dtype=torch.bool, device=device)
+    pixels = _to_rgb(_to_unit(moved, value_range))
 
     def restore(index, censored, censored_range):
         if not index:
@@ -218,10 +221,19 @@ def _prepare_array(images, value_range, layout, device) -> Prepared:
 
 # --- PIL images, paths, lists ----------------------------------------------------------------
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file (first frame, EXIF orientation applied), or raise ``ValueError``."""
+def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Open an image file (first frame, EXIF orientation applied), or raise ``ValueError``.
+
+    Args:
+        max_pixels: refuse images with more than this many pixels (width * height), checked
+            from the header before any decoding; PIL's own decompression-bomb limit
+            (``Image.MAX_IMAGE_PIXELS``) applies as well.
+    """
     try:
         with Image.open(path) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ValueError(f"{str(path)!r} has {im.width}x{im.height} = {im.width * im.height:,} "
+                                 f"pixels, over the limit of {max_pixels:,} (possible decompression bomb)")
             im.seek(0)
             im.load()
             return ImageOps.exif_transpose(im)

@@ -22,9 +22,14 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def _set_head(weight: torch.Tensor, bias_param: torch.Tensor, bias: str | None, nsfw_index: int,
-              safe_index: int, scale: float) -> None:
+              safe_index: int, scale: float, logits_of=None) -> None:
+    """Scale the head up; then either force one class, or centre the logits of random images
+    (``logits_of(x)``) so that every class wins for some inputs."""
     with torch.no_grad():
         weight.mul_(scale)
+        if bias is None and logits_of is not None:
+            g = torch.Generator().manual_seed(1)
+            bias_param.sub_(logits_of(torch.rand(16, 3, 64, 64, generator=g) * 4 - 2).mean(0))
         if bias == "nsfw":
             weight.zero_()
             bias_param.zero_()
@@ -36,7 +41,7 @@ def _set_head(weight: torch.Tensor, bias_param: torch.Tensor, bias: str | None, 
 
 
 def write_eva(path: Path, *, img_size: int = 56, embed_dim: int = 32, depth: int = 2, num_heads: int = 2,
-              bias: str | None = None, scale: float = 60.0, seed: int = 0, full: bool = False) -> Path:
+              bias: str | None = None, scale: float = 30.0, seed: int = 0, full: bool = False) -> Path:
     """Write a TimmWrapper EVA02 checkpoint to ``path``; ``full=True`` keeps the real B/448 size."""
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
@@ -48,7 +53,8 @@ def write_eva(path: Path, *, img_size: int = 56, embed_dim: int = 32, depth: int
                                label_names=["neutral", "low", "medium", "high"], model_args=model_args)
     model = TimmWrapperForImageClassification(config)
     head = model.timm_model.head
-    _set_head(head.weight, head.bias, bias, 3, 0, scale)
+    resize = lambda x: torch.nn.functional.interpolate(x, size=(size, size))  # noqa: E731
+    _set_head(head.weight, head.bias, bias, 3, 0, scale, lambda x: model.timm_model(resize(x)))
     model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
     cfg_file = Path(path) / "config.json"
     cfg = json.loads(cfg_file.read_text())
@@ -63,7 +69,7 @@ def write_eva(path: Path, *, img_size: int = 56, embed_dim: int = 32, depth: int
 
 def write_vit(path: Path, *, labels: tuple[str, str] = ("sfw", "nsfw"), image_size: int = 32,
               patch_size: int = 8, hidden_size: int = 32, layers: int = 2, heads: int = 2,
-              bias: str | None = None, scale: float = 60.0, seed: int = 0, resample: int = 2) -> Path:
+              bias: str | None = None, scale: float = 100.0, seed: int = 0, resample: int = 2) -> Path:
     """Write a ViTForImageClassification checkpoint and its ``preprocessor_config.json``."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
@@ -73,7 +79,9 @@ def write_vit(path: Path, *, labels: tuple[str, str] = ("sfw", "nsfw"), image_si
                        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     model = ViTForImageClassification(config)
     nsfw = [i for i, n in enumerate(labels) if n == "nsfw"][0]
-    _set_head(model.classifier.weight, model.classifier.bias, bias, nsfw, 1 - nsfw, scale)
+    resize = lambda x: torch.nn.functional.interpolate(x, size=(image_size, image_size))  # noqa: E731
+    _set_head(model.classifier.weight, model.classifier.bias, bias, nsfw, 1 - nsfw, scale,
+              lambda x: model(pixel_values=resize(x)).logits)
     model.save_pretrained(path, safe_serialization=True)
     ViTImageProcessor(size={"height": image_size, "width": image_size}, resample=resample,
                       image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(path)

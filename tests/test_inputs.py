@@ -1,0 +1,124 @@
+"""inputs.prepare: every accepted kind, layout and range, and clear errors for bad input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nsfw_safety.inputs import open_image, prepare
+
+
+def _img(h=6, w=10, seed=0):
+    return torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("layout_fn,kw", [
+    (lambda x: x[None], {}),                                 # BCHW
+    (lambda x: x.permute(1, 2, 0)[None], {}),                # BHWC
+    (lambda x: x, {}),                                       # CHW
+    (lambda x: x.permute(1, 2, 0), {}),                      # HWC
+])
+def test_layouts_give_the_same_pixels(layout_fn, kw):
+    x = _img()
+    p = prepare(layout_fn(x), **kw)
+    assert p.pixels.shape == (1, 3, 6, 10)
+    torch.testing.assert_close(p.pixels[0], x)
+
+
+def test_value_ranges_and_uint8():
+    x = _img()
+    torch.testing.assert_close(prepare(x * 2 - 1, value_range=(-1, 1)).pixels[0], x)
+    u8 = (x * 255).round().to(torch.uint8)
+    torch.testing.assert_close(prepare(u8).pixels[0], u8.float() / 255)
+    # float16 VAE-like output, slightly out of range, is clamped into [0, 1]
+    p = prepare(torch.full((1, 3, 4, 6), 1.2, dtype=torch.float16), value_range=(-1, 1))
+    assert p.pixels.max().item() == 1.0
+
+
+def test_gray_becomes_rgb_and_alpha_is_dropped():
+    gray = torch.rand(1, 1, 5, 7)
+    p = prepare(gray)
+    assert p.pixels.shape == (1, 3, 5, 7)
+    assert torch.equal(p.pixels[0, 0], p.pixels[0, 2])
+    rgba = torch.rand(2, 4, 5, 7)
+    assert torch.equal(prepare(rgba).pixels, rgba[:, :3])
+
+
+def test_numpy_pil_and_paths(tmp_path):
+    arr = (np.random.default_rng(0).random((8, 12, 3)) * 255).astype(np.uint8)
+    pil = Image.fromarray(arr)
+    pil.save(tmp_path / "a.png")
+    expected = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    for item in (arr, pil, tmp_path / "a.png", str(tmp_path / "a.png")):
+        torch.testing.assert_close(prepare(item).pixels[0], expected)
+    mixed = prepare([pil, np.zeros((20, 30, 3), np.float32)])
+    assert isinstance(mixed.pixels, list) and [p.shape for p in mixed.pixels] == [(3, 8, 12), (3, 20, 30)]
+    assert mixed.finite.tolist() == [True, True]
+
+
+def test_non_finite_values_are_marked():
+    x = torch.rand(3, 3, 8, 8)
+    x[1, 0, 2, 2] = float("nan")
+    x[2, 1, 0, 0] = float("inf")
+    assert prepare(x).finite.tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("bad,err,match", [
+    (torch.rand(3, 3, 3), ValueError, "layout="),                 # CHW or HWC?
+    (torch.rand(2, 3, 3, 3), ValueError, "layout="),
+    (torch.rand(2, 5, 8, 8), ValueError, "channel"),
+    (torch.rand(1, 2, 3, 4, 5), ValueError, "rank 5"),
+    (torch.rand(7), ValueError, "rank 1"),
+    (torch.rand(1, 3, 0, 8), ValueError, "zero size"),
+    (torch.zeros(1, 3, 4, 4, dtype=torch.int32), TypeError, "dtype"),
+    (np.zeros((4, 4, 3), np.int16), TypeError, "dtype"),
+    ([], ValueError, "empty"),
+    (42, TypeError, "int"),
+    ([torch.rand(2, 3, 4, 4)], ValueError, "batch"),
+    ([Image.new("RGB", (4, 4)), 3.0], TypeError, r"images\[1\]"),
+])
+def test_bad_input_is_named(bad, err, match):
+    with pytest.raises(err, match=match):
+        prepare(bad)
+
+
+def test_explicit_layout_resolves_ambiguity_and_is_checked():
+    x = torch.rand(3, 3, 3)
+    assert torch.equal(prepare(x, layout="CHW").pixels[0], x)
+    assert torch.equal(prepare(x, layout="HWC").pixels[0], x.permute(2, 0, 1))
+    with pytest.raises(ValueError, match="needs rank 4"):
+        prepare(x, layout="BCHW")
+    with pytest.raises(ValueError, match="layout must be"):
+        prepare(x, layout="NCHW")
+    with pytest.raises(ValueError, match="low < high"):
+        prepare(x, layout="CHW", value_range=(1, 0))
+
+
+def test_files_that_are_not_images(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "ok.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:40])
+    for name in ("empty.png", "text.png", "cut.png", "missing.png"):
+        with pytest.raises(ValueError, match=name):
+            open_image(tmp_path / name)
+        with pytest.raises(ValueError, match=name):
+            prepare(tmp_path / name)
+
+
+def test_restore_round_trips_every_kind():
+    """Nothing censored: the input object itself. One censored: a copy in the input's kind."""
+    cases = [(torch.rand(2, 3, 4, 5) * 2 - 1, {"value_range": (-1, 1)}, lambda o: o[0]),
+             (torch.rand(2, 6, 5, 3), {}, lambda o: o[0].permute(2, 0, 1)),
+             ((np.random.default_rng(1).random((6, 5, 3)) * 255).astype(np.uint8), {},
+              lambda o: torch.from_numpy(o).permute(2, 0, 1))]
+    for images, kw, first_chw in cases:
+        before = np.array(images).copy()
+        p = prepare(images, **kw)
+        assert p.restore([], []) is images
+        out = p.restore([0], torch.zeros(1, *p.pixels.shape[1:]))
+        assert type(out) is type(images) and out.shape == images.shape and out.dtype == images.dtype
+        assert (first_chw(out) == kw.get("value_range", (0, 1))[0]).all()  # black in the input's range
+        if out.ndim == 4:
+            assert np.array_equal(np.asarray(out[1]), np.asarray(images[1]))
+        assert np.array_equal(np.array(images), before)  # the caller's data is untouched
