@@ -1,0 +1,483 @@
+"""The ComfyUI node pack: schema, loader cache, filter and switch outputs, fail-closed path,
+and the pack imported the way ComfyUI imports it. ComfyUI itself is not installed here."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # comfyui_node is not an installed package: ComfyUI imports it from the clone
+    sys.path.insert(0, str(ROOT))
+
+from comfyui_node import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, management, nodes  # noqa: E402
+from nsfw_safety import Detector, load_detector  # noqa: E402
+
+PYTHON_KINDS = {"IMAGE": torch.Tensor, "MASK": torch.Tensor, "BOOLEAN": bool, "FLOAT": float, "STRING": str,
+                "NSFW_DETECTOR": Detector}
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch, eva_dir, eva_nsfw_dir, eva_safe_dir, vit_dir):
+    """A ComfyUI ``models/nsfw_detector`` folder holding the tiny checkpoints (as symlinks)."""
+    root = tmp_path / "models" / "nsfw_detector"
+    root.mkdir(parents=True)
+    for name, path in {"tiny-eva": eva_dir, "tiny-eva-nsfw": eva_nsfw_dir, "tiny-eva-safe": eva_safe_dir,
+                       "tiny-vit": vit_dir}.items():
+        (root / name).symlink_to(path, target_is_directory=True)
+    (root / "not-a-checkpoint").mkdir()  # no config.json: never listed
+    monkeypatch.setattr(management, "checkpoint_roots", lambda: [str(root)])
+    return root
+
+
+def load(name: str, dtype: str = "auto") -> Detector:
+    (detector,) = nodes.NSFWDetectorLoader().load(name, dtype)
+    return detector
+
+
+def comfy_images(n: int = 4, h: int = 40, w: int = 48, seed: int = 0) -> torch.Tensor:
+    """A ComfyUI IMAGE: (B, H, W, 3) float32 in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, h, w, 3, generator=g)
+
+
+def run_filter(images, detector, level="medium", threshold=0.5, action="blur"):
+    return nodes.NSFWSafetyFilter().filter(images, detector, level, threshold, action)
+
+
+# --- schema ----------------------------------------------------------------------------------
+
+def test_classic_schema():
+    assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS)
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        assert NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("NSFW ")
+        assert cls.CATEGORY == "image/safety"
+        assert callable(getattr(cls(), cls.FUNCTION))
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
+        assert all(t in PYTHON_KINDS for t in cls.RETURN_TYPES)
+        if hasattr(cls, "OUTPUT_TOOLTIPS"):
+            assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"} and spec["required"]
+        for name, entry in spec["required"].items():
+            assert isinstance(entry, tuple) and 1 <= len(entry) <= 2, name
+            kind, options = entry[0], (entry[1] if len(entry) == 2 else {})
+            if isinstance(kind, list):  # combo: the default must be one of the choices
+                assert kind and all(isinstance(c, str) for c in kind)
+                assert options.get("default", kind[0]) in kind, name
+            else:
+                assert kind in ("IMAGE", "FLOAT", "NSFW_DETECTOR"), name
+            if kind == "FLOAT":
+                assert options["min"] <= options["default"] <= options["max"]
+    assert NODE_CLASS_MAPPINGS["NSFWDetectorLoader"].RETURN_TYPES == ("NSFW_DETECTOR",)
+    assert nodes.NSFWSafetyFilter.RETURN_TYPES == ("IMAGE", "BOOLEAN", "FLOAT", "STRING", "MASK")
+    levels = nodes.NSFWSafetyFilter.INPUT_TYPES()["required"]["level"][0]
+    assert levels == ["low", "medium", "high"]
+    assert nodes.NSFWSafetyFilter.INPUT_TYPES()["required"]["action"][0] == ["blur", "pixelate", "black", "none"]
+
+
+def test_functions_return_what_the_schema_declares(models_dir):
+    detector = load("tiny-eva")
+    images = comfy_images()
+    for cls, args in [(nodes.NSFWDetectorLoader, ("tiny-eva", "auto")),
+                      (nodes.NSFWSafetyFilter, (images, detector, "medium", 0.5, "blur")),
+                      (nodes.NSFWSafetySwitch, (images, detector, "medium", 0.5, "blur"))]:
+        out = getattr(cls(), cls.FUNCTION)(*args)
+        assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES)
+        for value, kind in zip(out, cls.RETURN_TYPES):
+            assert isinstance(value, PYTHON_KINDS[kind]), (cls.__name__, kind, type(value))
+
+
+# --- loader ------------------------------------------------------------------------------------
+
+def test_loader_lists_registry_then_local_folders(models_dir, vit_safe_dir):
+    choices, options = nodes.NSFWDetectorLoader.INPUT_TYPES()["required"]["model"]
+    assert choices == ["eva", "vit-sd", "vit", "falconsai", "tiny-eva", "tiny-eva-nsfw", "tiny-eva-safe", "tiny-vit"]
+    assert options["default"] == "eva"
+    # a folder copied in while ComfyUI runs is listed at the next prompt (combos are re-validated)
+    (models_dir / "later").symlink_to(vit_safe_dir, target_is_directory=True)
+    assert "later" in nodes.NSFWDetectorLoader.INPUT_TYPES()["required"]["model"][0]
+    assert management.resolve_model("later") == str(models_dir / "later")
+    assert management.resolve_model("eva") == "eva"
+    with pytest.raises(ValueError, match="unknown NSFW detector 'not-a-checkpoint'"):
+        load("not-a-checkpoint")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load("tiny-eva", "int8")
+
+
+def test_local_folder_wins_over_registry_name(models_dir, eva_safe_dir):
+    (models_dir / "eva").symlink_to(eva_safe_dir, target_is_directory=True)
+    assert management.model_choices().count("eva") == 1
+    assert load("eva") is load_detector(str(models_dir / "eva"), device="cpu")
+
+
+def test_loader_is_cached(models_dir):
+    first = load("tiny-eva")
+    assert load("tiny-eva") is first  # a re-executed loader node does not reload
+    assert first.device.type == "cpu" and first.dtype == torch.float32  # auto on the CPU
+    bf16 = load("tiny-eva", "bf16")
+    assert bf16 is not first and bf16.dtype == torch.bfloat16
+    assert load("tiny-eva", "bf16") is bf16
+    assert load("tiny-vit").labels == ("sfw", "nsfw")
+
+
+def test_auto_dtype_follows_comfys_load_device(models_dir, monkeypatch):
+    # ComfyUI on a GPU: loaded in bf16 on the offload device (CPU), moved by model management
+    monkeypatch.setattr(management, "devices", lambda: (torch.device("cuda"), torch.device("cpu")))
+    detector = load("tiny-eva-safe")
+    assert detector.device.type == "cpu" and detector.dtype == torch.bfloat16
+
+
+# --- safety filter -----------------------------------------------------------------------------
+
+def test_filter_censors_flagged_images_only(models_dir):
+    detector = load("tiny-eva")
+    images = comfy_images(6)
+    medium = detector.predict(images, layout="BHWC").levels[:, 2]
+    ranked = medium.sort().values
+    threshold = float((ranked[2] + ranked[3]) / 2)  # three above, three below
+    expected = (medium >= threshold).tolist()
+    assert sum(expected) == 3
+
+    out, nsfw, top, text, mask = run_filter(images, detector, "medium", threshold, "blur")
+    assert out.shape == images.shape and out.dtype == torch.float32 and out.device == images.device
+    for i, flagged in enumerate(expected):
+        assert torch.equal(out[i], images[i]) != flagged
+    assert nsfw is True
+    assert top == pytest.approx(float(medium.max()), abs=1e-6)
+    assert mask.shape == (6, 40, 48) and mask.dtype == torch.float32
+    assert mask.amax(dim=(1, 2)).tolist() == [float(f) for f in expected]
+    assert torch.equal(mask.amin(dim=(1, 2)), mask.amax(dim=(1, 2)))  # whole images, not regions
+
+    data = json.loads(text)
+    assert data["any_flagged"] is True and data["level"] == "medium" and data["action"] == "blur"
+    assert [im["flagged"] for im in data["images"]] == expected
+    assert [im["action"] for im in data["images"]] == ["blur" if f else "none" for f in expected]
+    for im, score in zip(data["images"], medium.tolist()):
+        assert im["levels"]["medium"] == pytest.approx(score, abs=1e-6)
+        assert set(im["probs"]) == {"neutral", "low", "medium", "high"}
+        assert (">=" in im["reason"]) == im["flagged"]
+    assert images.equal(comfy_images(6))  # the input batch is never modified
+
+
+@pytest.mark.parametrize("action", ["black", "pixelate", "none"])
+def test_filter_actions_on_a_flagged_batch(models_dir, action):
+    images = comfy_images(2)
+    out, nsfw, top, text, mask = run_filter(images, load("tiny-eva-nsfw"), "high", 0.9, action)
+    assert nsfw is True and top == pytest.approx(1.0) and bool(mask.eq(1).all())
+    if action == "black":
+        assert bool(out.eq(0).all())
+    elif action == "none":
+        assert torch.equal(out, images)
+    else:  # pixelate: blocks of equal colour
+        assert not torch.equal(out, images) and out[:, :2, :2].std(dim=(1, 2)).max() < 1e-6
+    assert all(im["action"] == action for im in json.loads(text)["images"])
+
+
+def test_filter_passes_a_safe_batch_untouched(models_dir):
+    images = comfy_images(3)
+    out, nsfw, top, text, mask = run_filter(images, load("tiny-eva-safe"))
+    assert torch.equal(out, images) and nsfw is False and top < 0.01
+    assert bool(mask.eq(0).all()) and json.loads(text)["any_flagged"] is False
+
+
+def test_filter_fails_closed_when_scoring_raises(models_dir, monkeypatch, caplog):
+    detector = load("tiny-eva-safe")
+
+    def broken(x):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(detector.model, "forward", broken)
+    images = comfy_images(3)
+    with caplog.at_level(logging.ERROR):
+        out, nsfw, top, text, mask = run_filter(images, detector, action="none")
+    assert bool(out.eq(0).all()) and out.shape == images.shape  # blocked even with action "none"
+    assert nsfw is True and top == 1.0 and bool(mask.eq(1).all())
+    data = json.loads(text)
+    assert [im["reason"] for im in data["images"]] == ["error: RuntimeError: boom"] * 3
+    assert all(im["levels"] is None and im["action"] == "black" for im in data["images"])
+    assert "scoring failed" in caplog.text
+
+
+def test_filter_blocks_non_finite_images(models_dir):
+    images = comfy_images(2)
+    images[1, 5, 5, 0] = float("nan")
+    out, nsfw, _, text, mask = run_filter(images, load("tiny-eva-safe"))
+    assert torch.equal(out[0], images[0]) and bool(out[1].eq(0).all())
+    assert mask.amax(dim=(1, 2)).tolist() == [0.0, 1.0]
+    assert json.loads(text)["images"][1]["reason"] == "non-finite input"
+
+
+def test_filter_rejects_what_is_not_an_image_batch(models_dir):
+    detector = load("tiny-eva")
+    with pytest.raises(TypeError, match="ComfyUI IMAGE"):
+        run_filter(comfy_images(1)[0], detector)
+    with pytest.raises(TypeError, match="NSFW Detector Loader"):
+        run_filter(comfy_images(1), "eva")
+    with pytest.raises(ValueError, match="action must be one of"):
+        run_filter(comfy_images(1), detector, action="placeholder")
+    with pytest.raises(ValueError, match="level must be one of"):
+        run_filter(comfy_images(1), detector, level="neutral")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_filter_on_gpu_keeps_the_cpu_image(models_dir):
+    detector = load_detector(str(models_dir / "tiny-eva-nsfw"), device="cuda")
+    images = comfy_images(2)
+    out, nsfw, _, _, mask = run_filter(images, detector, action="black")
+    assert detector.dtype == torch.bfloat16 and out.device.type == "cpu" and out.dtype == torch.float32
+    assert nsfw is True and bool(out.eq(0).all()) and mask.device.type == "cpu"
+
+
+# --- switch ------------------------------------------------------------------------------------
+
+def test_switch_routes_flagged_images(models_dir):
+    detector = load("tiny-eva")
+    images = comfy_images(6)
+    medium = detector.predict(images, layout="BHWC").levels[:, 2]
+    threshold = float(medium.median())
+    flagged = medium >= threshold
+    safe, bad, nsfw, text = nodes.NSFWSafetySwitch().switch(images, detector, "medium", threshold, "none")
+    assert torch.equal(safe, images[~flagged]) and torch.equal(bad, images[flagged]) and nsfw is True
+    assert [im["flagged"] for im in json.loads(text)["images"]] == flagged.tolist()
+    _, blurred, _, _ = nodes.NSFWSafetySwitch().switch(images, detector, "medium", threshold, "blur")
+    assert blurred.shape == bad.shape and not torch.equal(blurred, bad)
+
+
+def test_switch_blocks_an_empty_branch(models_dir, monkeypatch):
+    images = comfy_images(2)
+    safe, bad, nsfw, _ = nodes.NSFWSafetySwitch().switch(images, load("tiny-eva-safe"), "medium", 0.5, "blur")
+    assert torch.equal(safe, images) and bad.shape == (0, 40, 48, 3) and nsfw is False  # no ComfyUI here
+
+    class Blocker:  # ComfyUI's comfy_execution.graph.ExecutionBlocker skips the nodes after it
+        def __init__(self, message):
+            self.message = message
+
+    monkeypatch.setattr(nodes, "ExecutionBlocker", Blocker)
+    safe, bad, nsfw, _ = nodes.NSFWSafetySwitch().switch(images, load("tiny-eva-nsfw"), "medium", 0.5, "black")
+    assert isinstance(safe, Blocker) and safe.message is None
+    assert bad.shape == images.shape and bool(bad.eq(0).all()) and nsfw is True
+
+
+# --- ComfyUI model management (its API as the pack uses it) ------------------------------------
+
+def test_model_management_glue(models_dir, monkeypatch):
+    calls = []
+
+    class Patcher:
+        def __init__(self, model, load_device, offload_device):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):
+        calls.append((models, force_full_load))
+        for patcher in models:
+            patcher.model.device = patcher.load_device  # what ComfyUI's ModelPatcher does
+            patcher.model.to(patcher.load_device)
+
+    mm = types.SimpleNamespace(get_torch_device=lambda: torch.device("cpu"),
+                               unet_offload_device=lambda: torch.device("cpu"), load_models_gpu=load_models_gpu)
+    monkeypatch.setattr(management, "mm", mm)
+    monkeypatch.setattr(management, "model_patcher", types.SimpleNamespace(ModelPatcher=Patcher))
+    detector = load("tiny-vit")  # a transformers model: it forbids assigning .device
+    images = comfy_images(2)
+    for _ in range(2):
+        assert run_filter(images, detector)[0].shape == images.shape
+    (first, full), (second, _) = calls
+    assert full is True and first[0] is second[0]  # one patcher per detector, reused every run
+    assert first[0].model.net is detector.model
+
+
+# --- installed as a node pack ------------------------------------------------------------------
+
+def import_like_comfyui(path: Path) -> types.ModuleType:
+    """What ComfyUI's custom-node loader does with a pack folder: its __init__.py as a package."""
+    name = str(path).replace(".", "_x_")
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:  # a fresh import next time
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+    return module
+
+
+def test_root_package_registers_the_nodes():
+    pack = import_like_comfyui(ROOT)
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"NSFWDetectorLoader", "NSFWSafetyFilter", "NSFWSafetySwitch"}
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["NSFWSafetyFilter"] == "NSFW Safety Filter"
+    assert not hasattr(pack, "comfy_entrypoint")  # V1 wins in ComfyUI anyway
+
+
+def test_cloned_pack_works_without_the_package_installed(tmp_path):
+    pack = tmp_path / "ComfyUI" / "custom_nodes" / "nsfw-safety"
+    pack.mkdir(parents=True)
+    shutil.copy(ROOT / "__init__.py", pack)
+    for part in ("comfyui_node", "nsfw_safety"):
+        shutil.copytree(ROOT / part, pack / part, ignore=shutil.ignore_patterns("__pycache__"))
+    code = f"""
+import importlib.util, sys
+sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]  # not installed
+assert importlib.util.find_spec('nsfw_safety') is None
+sys.path.insert(0, {str(tmp_path / 'ComfyUI')!r})  # ComfyUI's root is on sys.path
+spec = importlib.util.spec_from_file_location('pack', {str(pack / '__init__.py')!r})
+module = importlib.util.module_from_spec(spec); sys.modules['pack'] = module; spec.loader.exec_module(module)
+import nsfw_safety
+print(sorted(module.NODE_CLASS_MAPPINGS), nsfw_safety.__file__)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert "['NSFWDetectorLoader', 'NSFWSafetyFilter', 'NSFWSafetySwitch']" in result.stdout
+    assert str(pack / "nsfw_safety") in result.stdout
+
+
+# --- V3 ----------------------------------------------------------------------------------------
+
+def test_v3_is_absent_without_comfy_api(monkeypatch, caplog):
+    from comfyui_node import v3
+
+    assert v3.AVAILABLE is False and not hasattr(v3, "comfy_entrypoint")
+    monkeypatch.setenv("NSFW_SAFETY_NODE_API", "v3")
+    with caplog.at_level(logging.WARNING):
+        pack = import_like_comfyui(ROOT)
+    assert "NODE_CLASS_MAPPINGS" in vars(pack) and "no comfy_api" in caplog.text
+
+
+def _fake_comfy_api() -> types.ModuleType:
+    """The slice of ``comfy_api.latest`` the V3 module uses, recording what it is given."""
+
+    class Socket:
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+
+    def socket_type(io_type):
+        return type(io_type, (), {"io_type": io_type, "Input": Socket, "Output": Socket})
+
+    io = types.SimpleNamespace(
+        ComfyNode=type("ComfyNode", (), {}), Schema=lambda **kw: types.SimpleNamespace(**kw),
+        NodeOutput=lambda *values: values, Custom=socket_type,
+        **{n: socket_type(n.upper()) for n in ("Image", "Mask", "Boolean", "Float", "String", "Combo")})
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})
+    return latest
+
+
+def test_v3_nodes_match_the_classic_ones(models_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "comfy_api", types.ModuleType("comfy_api"))
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", _fake_comfy_api())
+    monkeypatch.setenv("NSFW_SAFETY_NODE_API", "v3")
+    pack = import_like_comfyui(ROOT)
+    assert hasattr(pack, "comfy_entrypoint") and not hasattr(pack, "NODE_CLASS_MAPPINGS")
+    v3 = pack._v3
+    monkeypatch.setattr(v3.management, "checkpoint_roots", lambda: [str(models_dir)])
+
+    node_list = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
+    assert {n.define_schema().node_id for n in node_list} == set(NODE_CLASS_MAPPINGS)
+    for node in node_list:
+        schema = node.define_schema()
+        classic = NODE_CLASS_MAPPINGS[schema.node_id]
+        assert schema.display_name == NODE_DISPLAY_NAME_MAPPINGS[schema.node_id]
+        assert schema.category == classic.CATEGORY
+        assert [i.args[0] for i in schema.inputs] == list(classic.INPUT_TYPES()["required"])
+        assert [o.kwargs["display_name"] for o in schema.outputs] == list(classic.RETURN_NAMES)
+    model_input = v3.NSFWDetectorLoader.define_schema().inputs[0]
+    assert "tiny-eva-nsfw" in model_input.kwargs["options"] and model_input.kwargs["default"] == "eva"
+
+    (detector,) = v3.NSFWDetectorLoader.execute(model="tiny-eva-nsfw", dtype="auto")
+    assert detector is load("tiny-eva-nsfw")  # the one detector cache, whichever API loaded it
+    out = v3.NSFWSafetyFilter.execute(images=comfy_images(2), detector=detector, level="medium",
+                                      threshold=0.5, action="black")
+    assert len(out) == 5 and bool(out[0].eq(0).all()) and out[1] is True
+    safe, bad, nsfw, _ = v3.NSFWSafetySwitch.execute(images=comfy_images(2), detector=detector, level="medium",
+                                                     threshold=0.5, action="none")
+    assert len(safe) == 0 and len(bad) == 2 and nsfw is True
+
+
+# --- example workflows and packaging files ------------------------------------------------------
+
+EXAMPLES = ROOT / "examples" / "comfyui"
+# the sockets of the ComfyUI core nodes used by the examples
+CORE_OUTPUTS = {"LoadImage": ("IMAGE", "MASK"), "MaskToImage": ("IMAGE",), "SaveImage": (), "PreviewImage": ()}
+CORE_INPUTS = {"LoadImage": {}, "MaskToImage": {"mask": "MASK"}, "SaveImage": {"images": "IMAGE"},
+               "PreviewImage": {"images": "IMAGE"}}
+
+
+def sockets(class_type: str) -> tuple[dict, tuple]:
+    """(input name -> type or combo list, output types) of a node class."""
+    if class_type in NODE_CLASS_MAPPINGS:
+        cls = NODE_CLASS_MAPPINGS[class_type]
+        return {k: v[0] for k, v in cls.INPUT_TYPES()["required"].items()}, cls.RETURN_TYPES
+    return CORE_INPUTS[class_type], CORE_OUTPUTS[class_type]
+
+
+def test_api_workflow_is_valid_for_the_nodes():
+    prompt = json.loads((EXAMPLES / "nsfw_safety_api.json").read_text())
+    assert {n["class_type"] for n in prompt.values()} >= {"NSFWDetectorLoader", "NSFWSafetyFilter"}
+    for node_id, node in prompt.items():
+        inputs, _ = sockets(node["class_type"])
+        ours = node["class_type"] in NODE_CLASS_MAPPINGS
+        if ours:
+            assert set(node["inputs"]) == set(inputs), node_id
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):  # a link: [source node id, output index]
+                source = prompt[value[0]]
+                assert sockets(source["class_type"])[1][value[1]] == inputs[name], (node_id, name)
+            elif ours and isinstance(inputs[name], list):
+                assert value in inputs[name], (node_id, name)
+            elif ours:
+                spec = NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"][name][1]
+                assert spec["min"] <= value <= spec["max"]
+    assert prompt["3"]["inputs"]["images"] == ["1", 0] and prompt["4"]["inputs"]["images"] == ["3", 0]
+
+
+def test_ui_workflow_is_the_same_graph():
+    ui = json.loads((EXAMPLES / "nsfw_safety_workflow.json").read_text())
+    prompt = json.loads((EXAMPLES / "nsfw_safety_api.json").read_text())
+    nodes_by_id = {n["id"]: n for n in ui["nodes"]}
+    assert {str(i): n["type"] for i, n in nodes_by_id.items()} == {k: v["class_type"] for k, v in prompt.items()}
+    assert ui["last_node_id"] == max(nodes_by_id) and ui["last_link_id"] == max(link[0] for link in ui["links"])
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        output, socket = nodes_by_id[src]["outputs"][src_slot], nodes_by_id[dst]["inputs"][dst_slot]
+        assert link_id in output["links"] and socket["link"] == link_id
+        assert output["type"] == socket["type"] == kind == sockets(nodes_by_id[src]["type"])[1][src_slot]
+        assert prompt[str(dst)]["inputs"][socket["name"]] == [str(src), src_slot]  # the same link in the API form
+    for node in ui["nodes"]:
+        if node["type"] in NODE_CLASS_MAPPINGS:
+            cls = NODE_CLASS_MAPPINGS[node["type"]]
+            assert [o["name"] for o in node["outputs"]] == list(cls.RETURN_NAMES)
+            assert [o["type"] for o in node["outputs"]] == list(cls.RETURN_TYPES)
+            required = cls.INPUT_TYPES()["required"]
+            widgets = [k for k, v in required.items() if isinstance(v[0], list) or v[0] == "FLOAT"]
+            assert [i["name"] for i in node["inputs"]] == [k for k in required if k not in widgets]
+            assert node["widgets_values"] == [prompt[str(node["id"])]["inputs"][k] for k in widgets]
+
+
+def test_requirements_and_registry_metadata():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    requirements = [line for line in lines if line and not line.startswith("#")]
+    assert not any("==" in r or "<" in r for r in requirements)  # never pin what other packs share
+    names = {r.split(">")[0].strip().lower() for r in requirements}
+    needed = {d.split(">")[0].strip().lower() for d in project["project"]["dependencies"]}
+    assert needed - {"torch", "torchvision"} <= names and not names & {"torch", "torchvision"}
+    comfy = project["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    assert "comfyui" not in project["project"]["name"].lower()
