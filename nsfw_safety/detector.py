@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 OK, NONFINITE_INPUT, NONFINITE_OUTPUT = 0, 1, 2
 _PROBLEMS = {NONFINITE_INPUT: "non-finite input", NONFINITE_OUTPUT: "non-finite model output"}
+#: The level row of an image that could not be checked: flagged at any level and threshold.
+BLOCKED = torch.tensor([0.0, 1.0, 1.0, 1.0])
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -114,6 +116,7 @@ class Detector:
         self.path = path
         self.max_batch_size = max_batch_size
         self._level_matrix = level_matrix(self.labels)
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # a string names torch.compile's mode (torch rejects unknown ones here)
         mode = compile if isinstance(compile, str) else None
         self._forward = torch.compile(self.model, dynamic=False, mode=mode) if compile else self.model
@@ -191,7 +194,8 @@ class Detector:
             return scores
         bad_input = ~finite.to(scores.status.device)
         status = torch.where(bad_input, NONFINITE_INPUT, scores.status).to(torch.int8)
-        return Scores(scores.probs, _fail_closed(scores.levels, status == OK), scores.labels, status)
+        levels = torch.where(bad_input[:, None], self._on(scores.levels.device)[1], scores.levels)
+        return Scores(scores.probs, levels, scores.labels, status)
 
     def _score_chunk(self, batch, device, dtype) -> Scores:
         if isinstance(batch, list):
@@ -202,15 +206,17 @@ class Detector:
         logits = self._forward(x).float()
         probs = logits.softmax(dim=-1)
         valid = torch.isfinite(probs).all(dim=-1)
-        levels = probs @ self._level_matrix.to(probs.device)
+        matrix, blocked = self._on(probs.device)
+        levels = probs @ matrix
         status = torch.where(valid, OK, NONFINITE_OUTPUT).to(torch.int8)
-        return Scores(probs, _fail_closed(levels, valid), self.labels, status)
+        return Scores(probs, torch.where(valid[:, None], levels, blocked), self.labels, status)
 
-
-def _fail_closed(levels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Invalid rows -> neutral 0 and every NSFW level 1, so they are flagged at any threshold."""
-    blocked = torch.tensor([0.0, 1.0, 1.0, 1.0], device=levels.device, dtype=levels.dtype)
-    return torch.where(valid[:, None], levels, blocked)
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The level matrix (C, 4) and the fail-closed level row (4,), made once per device:
+        a host-to-device copy on every call would synchronize the stream."""
+        if device not in self._constants:
+            self._constants[device] = (self._level_matrix.to(device), BLOCKED.to(device))
+        return self._constants[device]
 
 
 # --- loading ---------------------------------------------------------------------------------
