@@ -178,7 +178,8 @@ def _prepare_array(images, value_range, layout, device) -> Prepared:
     if is_numpy:
         if images.dtype.kind not in "uf" or (images.dtype.kind == "u" and images.dtype != np.uint8):
             raise TypeError(f"{name} has dtype {images.dtype}: expected uint8 or a float dtype")
-        orig = torch.from_numpy(np.ascontiguousarray(images))
+        # read-only arrays (np.asarray of a PIL image) are copied: torch warns on wrapping them
+        orig = torch.from_numpy(np.ascontiguousarray(images) if images.flags.writeable else images.copy())
     else:
         orig = images
     if orig.dtype != torch.uint8 and orig.dtype not in _FLOAT:

@@ -12,6 +12,7 @@ Level scores, one row per image, columns ``LEVELS``:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -34,7 +35,7 @@ def level_index(level: str) -> int:
 
 def check_threshold(threshold: float, name: str = "threshold") -> float:
     """Return ``threshold`` as a float in [0, 1], or raise ``ValueError``."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):  # numpy floats too
         raise TypeError(f"{name} must be a number in [0, 1], got {threshold!r}")
     t = float(threshold)
     if not 0.0 <= t <= 1.0:
