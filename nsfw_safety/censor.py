@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 ACTIONS = ("blur", "pixelate", "black", "placeholder", "none")
-#: Gaussian sigma as a fraction of the longer side: 26 px on 512 px, enough to hide a body.
-DEFAULT_BLUR = 0.05
-#: Pixelation block as a fraction of the longer side: 32 px blocks on 512 px.
-DEFAULT_BLOCK = 1 / 16
+#: Gaussian sigma as a fraction of the longer side: 41 px on 512 px; shapes become colour fields.
+DEFAULT_BLUR = 0.08
+#: Pixelation block as a fraction of the longer side: 43 px blocks on 512 px.
+DEFAULT_BLOCK = 1 / 12
 
 
 def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
