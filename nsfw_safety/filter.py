@@ -89,7 +89,8 @@ class SafetyFilter:
         return f"SafetyFilter({self.detector!r}, rules={self.policy.rules}, action={self.action!r})"
 
     def __call__(self, images: Any, *, value_range: _inputs.ValueRange = (0.0, 1.0),
-                 layout: str | None = None, censored_range: _inputs.ValueRange | None = None) -> FilterResult:
+                 layout: str | None = None, censored_range: _inputs.ValueRange | None = None,
+                 scores: Scores | None = None) -> FilterResult:
         """Check ``images`` and censor the flagged ones.
 
         Args:
@@ -98,13 +99,20 @@ class SafetyFilter:
             layout: for shapes whose layout is ambiguous.
             censored_range: value range of the censored images in the output (float input
                 only); default: the input's own range. diffusers needs ``(0, 1)`` here.
+            scores: ``self.detector.predict(images)``, when the caller already has it (a server
+                that scores many requests in one batch, then applies each request's own policy);
+                scoring is then skipped.
         Raises:
-            TypeError, ValueError: the input itself is bad (nothing is returned unchecked).
+            TypeError, ValueError: the input itself is bad (nothing is returned unchecked), or
+                ``scores`` does not have one row per image.
         """
         prepared = _inputs.prepare(images, value_range=value_range, layout=layout, device=self.detector.device)
         n = len(prepared)
+        if scores is not None and len(scores) != n:
+            raise ValueError(f"scores has {len(scores)} rows for {n} images")
         try:
-            scores = self.detector.score(prepared.pixels, prepared.finite)
+            if scores is None:
+                scores = self.detector.score(prepared.pixels, prepared.finite)
             flagged = self.policy.flag(scores.levels, scores.valid).tolist()  # the one host sync
             problems = scores.problems()
             reasons = self.policy.reasons(scores.levels, flagged, problems)
