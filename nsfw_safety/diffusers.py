@@ -1,0 +1,403 @@
+"""diffusers integration: a drop-in ``safety_checker`` and a zero-copy guard for any pipeline.
+
+* :class:`NSFWSafetyChecker` replaces ``StableDiffusionSafetyChecker`` in every pipeline that
+  calls ``self.safety_checker(images=..., clip_input=...)`` and expects ``(images, flags)``
+  (SD 1.x/2.x txt2img, img2img, inpaint, ControlNet, PAG, LCM, ...). It is a diffusers
+  ``ModelMixin``, so it follows ``pipe.to()``, offloading and ``save_pretrained``.
+* :func:`attach` makes a pipeline hand its decoded tensor straight to the checker, on the
+  tensor's device: no PIL round trip, no CLIP feature extractor. It also guards pipelines that
+  have no ``safety_checker`` (SDXL, SD3, Flux, ...) at ``pipe.image_processor.postprocess``.
+
+Both only adapt :class:`nsfw_safety.SafetyFilter` to diffusers' conventions; scoring,
+thresholds and censoring all happen there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+# ModelMixin must stay a name of this module: diffusers finds a saved component's load
+# method by looking its base classes up in the component's own module.
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+from transformers import CLIPImageProcessor
+
+from .censor import DEFAULT_BLOCK, DEFAULT_BLUR
+from .detector import Detector, load_detector, resolve_dtype
+from .filter import FilterResult, SafetyFilter
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NSFWSafetyChecker", "attach", "detach", "light_feature_extractor"]
+
+DETECTOR_DIR = "detector"
+PLACEHOLDER_FILE = "placeholder.png"
+# Keyword arguments diffusers' pipeline loader passes to a component's from_pretrained (besides
+# torch_dtype); the checker's placement is its own, so they are accepted and ignored.
+_LOADER_KWARGS = frozenset({
+    "device_map", "max_memory", "offload_folder", "offload_state_dict", "variant",
+    "use_safetensors", "use_flashpack", "low_cpu_mem_usage", "disable_mmap", "quantization_config",
+})
+_CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".txt", ".md")
+
+
+def light_feature_extractor() -> CLIPImageProcessor:
+    """A CLIP image processor that makes 8x8 features.
+
+    The SD pipelines refuse a ``safety_checker`` without a ``feature_extractor`` and run it on
+    every call; :class:`NSFWSafetyChecker` ignores the features, so this one only has to be
+    cheap and saveable. Pipelines that use IP-Adapter need their real feature extractor.
+    """
+    return CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}, resample=0)
+
+
+class NSFWSafetyChecker(ModelMixin, ConfigMixin):
+    """A ``safety_checker`` for diffusers pipelines that blurs (or blocks) NSFW images.
+
+    Make one with :meth:`from_pretrained`, or wrap a :class:`SafetyFilter` you built.
+
+    Args:
+        guard: the filter that scores and censors.
+        dtype: the compute dtype, kept whatever dtype the pipeline casts its components to;
+            default: the detector's own if it was loaded in a non-default dtype, else "auto"
+            (bf16 on CUDA, fp32 elsewhere, re-applied whenever the checker changes device).
+        model: the detector reference to record in the saved config (default: the detector's id).
+
+    ``device`` is where the detector runs. ``dtype`` is the dtype the pipeline last cast its
+    components to (``pipe.to(torch.float16)``, ``torch_dtype=``), because ``pipe.dtype`` reads
+    its first component in name order, which is ``safety_checker``; before any cast it is the
+    compute dtype. The detector always runs in :attr:`compute_dtype`.
+
+    Attributes:
+        last_result: the :class:`FilterResult` of the last call (scores, reasons, actions), or
+            None when the last guarded pipeline call was not checked (``output_type="latent"``).
+        feature_extractor: a light feature extractor for pipelines built without one.
+    """
+
+    config_name = "config.json"
+
+    def __init__(self, guard: SafetyFilter, *, dtype: torch.dtype | str | None = None, model: str | None = None):
+        super().__init__()
+        if not isinstance(guard, SafetyFilter):
+            raise TypeError(f"guard must be a SafetyFilter, got {type(guard).__name__}")
+        detector = guard.detector
+        self.guard = guard
+        self.classifier = detector.model  # a submodule, so the pipeline's .to() and offload move it
+        if dtype is None and detector.dtype != resolve_dtype(None, detector.device):
+            dtype = detector.dtype
+        self._pinned_dtype = None if dtype in (None, "auto") else resolve_dtype(dtype, detector.device)
+        self._host_dtype: torch.dtype | None = None
+        self.last_result: FilterResult | None = None
+        self.feature_extractor = light_feature_extractor()
+        policy, options = guard.policy, guard.options
+        self.register_to_config(
+            model=model or detector.model_id, revision=detector.revision, level=policy.level,
+            threshold=policy.threshold, thresholds=policy.thresholds, action=guard.action,
+            on_error=guard.on_error, blur_strength=options["blur_strength"], block=options["block"],
+            color=list(options["color"]),
+            compute_dtype=None if self._pinned_dtype is None else str(self._pinned_dtype).removeprefix("torch."),
+        )
+
+    # --- loading and saving ----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike = "eva", *,
+                        level: str | None = None, threshold: float | None = None,
+                        thresholds: Mapping[str, float] | None = None, action: str | None = None,
+                        on_error: str | None = None, blur_strength: float | None = None,
+                        block: float | None = None, color: Sequence[float] | None = None,
+                        placeholder: Any = None, revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+                        compile: bool = False, max_batch_size: int = 32, torch_dtype: torch.dtype | None = None,
+                        **loader_kwargs) -> NSFWSafetyChecker:
+        """Load a checker.
+
+        Args:
+            pretrained_model_name_or_path: a detector (registry name such as ``"eva"``, hub id,
+                or checkpoint directory, as for :func:`nsfw_safety.load_detector`), or a directory
+                written by :meth:`save_pretrained` (e.g. ``<pipeline>/safety_checker``), whose
+                settings become the defaults.
+            level, threshold, thresholds: the flagging rule (see :class:`SafetyFilter`); giving
+                any of them replaces the saved rule as a whole. Default: medium >= 0.5.
+            action, on_error, blur_strength, block, color, placeholder: as for :class:`SafetyFilter`.
+            revision, token, cache_dir, local_files_only, device, compile, max_batch_size: as for
+                :func:`nsfw_safety.load_detector`.
+            dtype: the compute dtype (default "auto": bf16 on CUDA, fp32 elsewhere), kept whatever
+                the pipeline's ``torch_dtype`` is.
+            torch_dtype: the pipeline's dtype, only reported as :attr:`dtype` (diffusers passes
+                it when it loads a saved pipeline).
+            loader_kwargs: the rest of what diffusers' pipeline loader passes (``device_map``,
+                ``variant``, ...); ignored.
+        Raises:
+            ModelLoadError: the detector cannot be found or built.
+        """
+        unknown = sorted(set(loader_kwargs) - _LOADER_KWARGS)
+        if unknown:
+            log.warning("NSFWSafetyChecker.from_pretrained ignores unknown argument(s) %s", unknown)
+        saved = _saved_config(pretrained_model_name_or_path, cls.__name__)
+        settings = dict(level="medium", threshold=0.5, thresholds=None, action="blur", on_error="block",
+                        blur_strength=DEFAULT_BLUR, block=DEFAULT_BLOCK, color=(0.0, 0.0, 0.0))
+        model, origin = pretrained_model_name_or_path, None
+        if saved is not None:
+            source = Path(pretrained_model_name_or_path)
+            model, origin = source / DETECTOR_DIR, saved.get("model")
+            settings.update({k: saved[k] for k in settings if saved.get(k) is not None})
+            if placeholder is None and (source / PLACEHOLDER_FILE).is_file():
+                placeholder = source / PLACEHOLDER_FILE
+            if dtype is None:
+                dtype = saved.get("compute_dtype")
+        if level is not None or threshold is not None or thresholds is not None:
+            settings.update(level=level or "medium", threshold=0.5 if threshold is None else threshold,
+                            thresholds=thresholds)
+        given = dict(action=action, on_error=on_error, blur_strength=blur_strength, block=block, color=color)
+        settings.update({k: v for k, v in given.items() if v is not None})
+        detector = load_detector(model, revision=revision, token=token, cache_dir=cache_dir,
+                                 local_files_only=local_files_only, device=device, dtype=dtype,
+                                 compile=compile, max_batch_size=max_batch_size)
+        guard = SafetyFilter(detector, settings.pop("level"), settings.pop("threshold"),
+                             placeholder=placeholder, **settings)
+        checker = cls(guard, dtype=dtype, model=origin)
+        checker._host_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else None
+        return checker
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs) -> None:
+        """Write the checker to ``save_directory`` so :meth:`from_pretrained` restores it.
+
+        Writes ``config.json`` (the settings), ``detector/`` (a verbatim copy of the detector's
+        checkpoint files: config, safetensors weights, preprocessing; so the saved pipeline
+        loads offline) and, for a custom placeholder, ``placeholder.png``. diffusers' own
+        keyword arguments (``safe_serialization``, ``variant``, ...) are accepted and ignored.
+        """
+        if not is_main_process:
+            return
+        source = self.guard.detector.path
+        if source is None or not Path(source).is_dir():
+            raise ValueError(f"cannot save the checker: its detector's checkpoint directory {source} is gone")
+        out = Path(save_directory)
+        if out.is_file():
+            raise ValueError(f"save_directory {str(out)!r} is a file, expected a directory")
+        target = out / DETECTOR_DIR
+        target.mkdir(parents=True, exist_ok=True)
+        if not target.samefile(source):  # re-saving a reloaded pipeline in place
+            for file in sorted(Path(source).iterdir()):
+                if file.is_file() and file.name.endswith(_CHECKPOINT_SUFFIXES):
+                    shutil.copy2(file, target / file.name)
+        card = self.guard.options.get("placeholder")
+        if card is not None:
+            rgb = (card.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            Image.fromarray(rgb, "RGB").save(out / PLACEHOLDER_FILE)
+        self.save_config(out)
+
+    # --- device and dtype --------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The pipeline's dtype as last given to :meth:`to`, else :attr:`compute_dtype`."""
+        return self._host_dtype or self.compute_dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the detector runs in (its weights')."""
+        return self.guard.detector.dtype
+
+    def to(self, *args, **kwargs) -> NSFWSafetyChecker:
+        """Move to a device. A dtype is recorded as :attr:`dtype` but does not cast the
+        detector: it keeps its compute dtype (see the class docstring)."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)  # nn.Module.to's own parser
+        if dtype is not None:
+            self._host_dtype = dtype
+        if device is not None:
+            super().to(device, non_blocking=non_blocking)
+        target = self._pinned_dtype or resolve_dtype(None, self.device)
+        if self.compute_dtype != target:
+            super().to(target)
+        return self
+
+    # --- checking ------------------------------------------------------------------------------
+
+    def check(self, images: torch.Tensor | np.ndarray, *, value_range=(0.0, 1.0), layout: str | None = None,
+              censored_range=None) -> FilterResult:
+        """Run the filter, keep the result in :attr:`last_result`, and log what was flagged.
+
+        Arguments as for :meth:`SafetyFilter.__call__`.
+        """
+        result = self.guard(images, value_range=value_range, layout=layout, censored_range=censored_range)
+        self.last_result = result
+        if result.any_flagged:
+            hits = [f"#{i}: {r} -> {a}" for i, (f, r, a) in enumerate(zip(result.flagged, result.reasons,
+                                                                         result.actions)) if f]
+            log.warning("nsfw-safety flagged %d of %d images (%s)", len(hits), len(result.flagged), "; ".join(hits))
+        return result
+
+    def forward(self, images: torch.Tensor | np.ndarray, clip_input: Any = None) -> tuple[Any, list[bool]]:
+        """The ``safety_checker`` call of the SD pipelines.
+
+        Args:
+            images: (B, 3, H, W) float tensor in [-1, 1], the VAE's output (not clamped), as the
+                SD pipelines pass it; or (B, H, W, 3) float numpy in [0, 1], as the pipelines that
+                decode to numpy pass it (T2I-Adapter, text-to-video-zero).
+            clip_input: the pipeline's CLIP features; ignored.
+        Returns:
+            images: same kind, shape, dtype and device; unflagged images unchanged, flagged ones
+                censored and in [0, 1] (the pipeline does not denormalize flagged images).
+            has_nsfw_concept: B bools.
+        """
+        if isinstance(images, torch.Tensor):
+            result = self.check(images, value_range=(-1.0, 1.0), layout="BCHW", censored_range=(0.0, 1.0))
+        elif isinstance(images, np.ndarray):
+            result = self.check(images, value_range=(0.0, 1.0), layout="BHWC")
+        else:
+            raise TypeError(f"images must be a (B, 3, H, W) tensor or a (B, H, W, 3) numpy array, "
+                            f"got {type(images).__name__}")
+        return result.images, result.flagged
+
+
+def _saved_config(path: Any, class_name: str) -> dict | None:
+    """The settings in a directory written by ``NSFWSafetyChecker.save_pretrained``, else None."""
+    if not isinstance(path, (str, os.PathLike)) or not (Path(path) / "config.json").is_file():
+        return None
+    config = json.loads((Path(path) / "config.json").read_text())
+    return config if config.get("_class_name") == class_name else None
+
+
+# --- attach: zero-copy mode and pipelines without a safety_checker -------------------------------
+
+def attach(pipe: Any, checker_or_filter: NSFWSafetyChecker | SafetyFilter | Detector | None = None,
+           **kwargs) -> NSFWSafetyChecker:
+    """Check every image ``pipe`` decodes, on the decoded tensor's device.
+
+    * Pipelines with a ``safety_checker`` slot (the SD 1.x/2.x family): the checker becomes
+      ``pipe.safety_checker`` and ``pipe.run_safety_checker`` hands it the VAE output directly,
+      skipping the PIL conversion and the CLIP feature extractor. A pipeline without a feature
+      extractor gets the checker's light one, so it still saves and reloads.
+    * Pipelines without one (SDXL, SD3, Flux, and others that decode and then call
+      ``pipe.image_processor.postprocess``): that call is wrapped; flagged images are censored
+      before they are converted.
+
+    ``output_type="latent"`` is never checked: the first such call logs a warning and sets
+    ``last_result`` to None. Call :func:`detach` to undo.
+
+    Args:
+        pipe: a diffusers pipeline.
+        checker_or_filter: an :class:`NSFWSafetyChecker`, a :class:`SafetyFilter`, a
+            :class:`Detector` (``kwargs`` then go to :class:`SafetyFilter`), or None
+            (``kwargs`` go to :meth:`NSFWSafetyChecker.from_pretrained`; ``model=`` names the detector).
+    Returns:
+        The checker, also at ``pipe.nsfw_safety``; its ``last_result`` holds each call's scores.
+    Raises:
+        TypeError: the pipeline has neither seam, or returns a 3-tuple from its safety checker
+            (x4 upscaler, DeepFloyd IF) and has no ``image_processor`` either.
+    """
+    checker = _as_checker(checker_or_filter, kwargs)
+    if "nsfw_safety" in vars(pipe):
+        detach(pipe)
+    state = {"checked": False, "warned": False}
+    undo: list = []
+
+    def follow(image: Any) -> None:
+        if isinstance(image, torch.Tensor) and checker.device != image.device:
+            checker.to(image.device)  # zero-copy: the checker goes to the images, not back
+
+    if _has_two_tuple_checker(pipe):
+        old_checker, old_extractor = pipe.safety_checker, pipe.feature_extractor
+
+        def run_safety_checker(image, device, dtype):
+            follow(image)
+            out = checker(images=image)
+            state["checked"] = True
+            return out
+
+        # register_modules, not setattr: a slot built as None stays (None, None) in the config
+        # on setattr, and the checker would not be saved
+        pipe.register_modules(safety_checker=checker, feature_extractor=old_extractor or checker.feature_extractor)
+        undo.append(lambda: pipe.register_modules(safety_checker=old_checker, feature_extractor=old_extractor))
+        _patch(pipe, "run_safety_checker", run_safety_checker, undo)
+    elif isinstance(getattr(pipe, "image_processor", None), VaeImageProcessor):
+        processor = pipe.image_processor
+        postprocess_original = processor.postprocess
+
+        def postprocess(image, output_type="pil", do_denormalize=None, **kw):
+            if output_type == "latent" or not isinstance(image, torch.Tensor):
+                return postprocess_original(image, output_type, do_denormalize, **kw)
+            follow(image)
+            # to [0, 1] exactly as the processor would, so unflagged images come out unchanged
+            if do_denormalize is None:
+                do_denormalize = [processor.config.do_normalize] * len(image)
+            unit = torch.stack([processor.denormalize(x) if d else x for x, d in zip(image, do_denormalize)])
+            result = checker.check(unit, value_range=(0.0, 1.0), layout="BCHW")
+            state["checked"] = True
+            return postprocess_original(result.images, output_type, [False] * len(image), **kw)
+
+        _patch(processor, "postprocess", postprocess, undo)
+    else:
+        raise TypeError(f"cannot attach to {type(pipe).__name__}: it has neither a safety_checker that "
+                        f"returns (images, flags) nor a VaeImageProcessor at pipe.image_processor")
+
+    free_original = pipe.maybe_free_model_hooks
+
+    def maybe_free_model_hooks():  # the pipelines call this at the end of every __call__
+        free_original()
+        if not state["checked"]:
+            checker.last_result = None
+            if not state["warned"]:
+                state["warned"] = True
+                log.warning("a %s call was not checked by nsfw-safety: output_type='latent' is never "
+                            "checked (decode the latents and check the images yourself)", type(pipe).__name__)
+        state["checked"] = False
+
+    _patch(pipe, "maybe_free_model_hooks", maybe_free_model_hooks, undo)
+    pipe.nsfw_safety = checker
+    pipe._nsfw_safety_undo = undo
+    return checker
+
+
+def detach(pipe: Any) -> None:
+    """Undo :func:`attach`: the pipeline's own methods and components come back."""
+    if "nsfw_safety" not in vars(pipe):
+        raise ValueError(f"{type(pipe).__name__} has no nsfw-safety checker attached")
+    for step in reversed(pipe._nsfw_safety_undo):
+        step()
+    del pipe.nsfw_safety, pipe._nsfw_safety_undo
+
+
+def _patch(obj: Any, name: str, value: Any, undo: list) -> None:
+    """Set an instance attribute, and record how to put back what was there."""
+    missing = object()
+    before = vars(obj).get(name, missing)
+    setattr(obj, name, value)
+    undo.append(lambda: delattr(obj, name) if before is missing else setattr(obj, name, before))
+
+
+def _as_checker(checker_or_filter: Any, kwargs: dict) -> NSFWSafetyChecker:
+    if checker_or_filter is None:
+        return NSFWSafetyChecker.from_pretrained(kwargs.pop("model", "eva"), **kwargs)
+    if isinstance(checker_or_filter, Detector):
+        return NSFWSafetyChecker(SafetyFilter(checker_or_filter, **kwargs))
+    if kwargs:
+        raise TypeError(f"settings {sorted(kwargs)} cannot be combined with a ready "
+                        f"{type(checker_or_filter).__name__}")
+    if isinstance(checker_or_filter, NSFWSafetyChecker):
+        return checker_or_filter
+    if isinstance(checker_or_filter, SafetyFilter):
+        return NSFWSafetyChecker(checker_or_filter)
+    raise TypeError(f"checker_or_filter must be an NSFWSafetyChecker, SafetyFilter, Detector or None, "
+                    f"got {type(checker_or_filter).__name__}")
+
+
+def _has_two_tuple_checker(pipe: Any) -> bool:
+    """True for pipelines whose ``run_safety_checker(image, device, dtype)`` returns (images, flags)."""
+    has_slot = "safety_checker" in getattr(pipe, "components", {})
+    if not has_slot or not callable(getattr(pipe, "run_safety_checker", None)):
+        return False
+    # the x4 upscaler and DeepFloyd IF return (images, nsfw, watermark)
+    return not any(c.__name__ == "StableDiffusionUpscalePipeline"
+                   or c.__module__.startswith("diffusers.pipelines.deepfloyd_if") for c in type(pipe).__mro__)
