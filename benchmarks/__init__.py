@@ -1,0 +1,1 @@
+"""Benchmarks of nsfw-safety against the reference paths: ``python -m benchmarks --help``."""
