@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -222,28 +222,44 @@ def _prepare_array(images, value_range, layout, device) -> Prepared:
 
 # --- PIL images, paths, lists ----------------------------------------------------------------
 
-def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
-    """Open an image file (first frame, EXIF orientation applied), or raise ``ValueError``.
+class ImageTooLarge(ValueError):
+    """An image over a pixel limit, or one that cannot be decoded safely (a decompression bomb)."""
+
+
+def open_image(source: str | os.PathLike | IO[bytes], max_pixels: int | None = None, *,
+               formats: Sequence[str] | None = None, name: str | None = None) -> Image.Image:
+    """Open an image file or stream: first frame, EXIF orientation applied, fully decoded.
 
     Args:
+        source: a path, or a binary stream (an upload's bytes in ``io.BytesIO``).
         max_pixels: refuse images with more than this many pixels (width * height), checked
             from the header before any decoding; PIL's own decompression-bomb limit
             (``Image.MAX_IMAGE_PIXELS``) applies as well.
+        formats: the PIL decoders to try (e.g. ``["PNG", "JPEG"]``); default: all.
+        name: how errors name the image; default: the path.
+    Raises:
+        ImageTooLarge: over ``max_pixels``, a decompression bomb, or out of memory.
+        ValueError: missing, empty, truncated, or not an image.
     """
+    name = name or repr(str(source))
     try:
-        with Image.open(path) as im:
+        with Image.open(source, formats=formats) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
-                raise ValueError(f"{str(path)!r} has {im.width}x{im.height} = {im.width * im.height:,} "
-                                 f"pixels, over the limit of {max_pixels:,} (possible decompression bomb)")
+                raise ImageTooLarge(f"{name} is {im.width}x{im.height} = {im.width * im.height:,} pixels, "
+                                    f"over the limit of {max_pixels:,} (possible decompression bomb)")
             im.seek(0)
             im.load()
-            return ImageOps.exif_transpose(im)
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"{str(path)!r} is too large to decode safely: {e}") from e
+            out = ImageOps.exif_transpose(im)
+            out.format = im.format  # the file's format, which the transposed copy does not carry
+            return out
+    except (Image.DecompressionBombError, MemoryError) as e:
+        raise ImageTooLarge(f"{name} is too large to decode safely: {e}") from e
     except FileNotFoundError as e:
-        raise ValueError(f"{str(path)!r} does not exist") from e
-    except (OSError, SyntaxError) as e:  # PIL: not an image, truncated, unreadable
-        raise ValueError(f"{str(path)!r} is not a readable image: {e}") from e
+        raise ValueError(f"{name} does not exist") from e
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: not an image, truncated, unreadable
+        if isinstance(e, ImageTooLarge):
+            raise
+        raise ValueError(f"{name} is not a readable image: {e}") from e
 
 
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:

@@ -36,11 +36,12 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from .detector import Detector, load_detector, resolve_dtype
+from .inputs import ImageTooLarge, open_image
 from .filter import SafetyFilter
 from .levels import NSFW_LEVELS, Policy, check_threshold, level_index
 
@@ -192,29 +193,17 @@ def decode(data: bytes, content_type: str | None, name: str, settings: Settings)
         raise ServiceError(415, "unsupported_content_type",
                            f"{name} has content type {ctype or 'none'!r}; accepted: {', '.join(settings.content_types)}")
     allowed = [FORMATS[t] for t in settings.content_types]
-    try:
-        # only the allowed decoders are tried; the size is read from the header, before decoding
-        image = Image.open(io.BytesIO(data), formats=allowed)
-        if image.width * image.height > settings.max_pixels:
-            raise ServiceError(413, "too_many_pixels",
-                               f"{name} is {image.width}x{image.height} = {image.width * image.height:,} pixels, "
-                               f"over the limit of {settings.max_pixels:,} (possible decompression bomb)")
-        image.load()
-        fmt = image.format
-        ImageOps.exif_transpose(image, in_place=True)
-        if image.mode not in ("RGB", "RGBA"):
-            alpha = "A" in image.getbands() or "transparency" in image.info
-            image = image.convert("RGBA" if alpha else "RGB")
-        rgb = np.array(image.convert("RGB") if image.mode == "RGBA" else image)
-    except ServiceError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ServiceError(413, "too_many_pixels", f"{name} is too large to decode safely: {e}") from None
-    except MemoryError:
-        raise ServiceError(413, "too_many_pixels", f"{name} does not fit in memory when decoded") from None
-    except Exception as e:  # noqa: BLE001 -- any decoder failure on untrusted bytes is a bad upload
-        raise ServiceError(400, "unreadable_image",
-                           f"{name} is not a readable {'/'.join(allowed)} image ({type(e).__name__}: {e})") from None
+    try:  # only the allowed decoders are tried; the size is read from the header, before decoding
+        image = open_image(io.BytesIO(data), settings.max_pixels, formats=allowed, name=name)
+    except ImageTooLarge as e:
+        raise ServiceError(413, "too_many_pixels", str(e)) from None
+    except ValueError as e:
+        raise ServiceError(400, "unreadable_image", f"{e} (accepted: {'/'.join(allowed)})") from None
+    fmt = image.format
+    if image.mode not in ("RGB", "RGBA"):
+        alpha = "A" in image.getbands() or "transparency" in image.info
+        image = image.convert("RGBA" if alpha else "RGB")
+    rgb = np.array(image.convert("RGB") if image.mode == "RGBA" else image)
     pixels = torch.from_numpy(rgb).permute(2, 0, 1)
     return Upload(name, data, fmt, image, pixels)
 

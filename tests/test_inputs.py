@@ -113,7 +113,7 @@ def test_restore_round_trips_every_kind():
              ((np.random.default_rng(1).random((6, 5, 3)) * 255).astype(np.uint8), {},
               lambda o: torch.from_numpy(o).permute(2, 0, 1))]
     for images, kw, first_chw in cases:
-        before = np.array(images).copy()
+        before = images.clone() if isinstance(images, torch.Tensor) else images.copy()
         p = prepare(images, **kw)
         assert p.restore([], []) is images
         out = p.restore([0], torch.zeros(1, *p.pixels.shape[1:]))
@@ -121,4 +121,4 @@ def test_restore_round_trips_every_kind():
         assert (first_chw(out) == kw.get("value_range", (0, 1))[0]).all()  # black in the input's range
         if out.ndim == 4:
             assert np.array_equal(np.asarray(out[1]), np.asarray(images[1]))
-        assert np.array_equal(np.array(images), before)  # the caller's data is untouched
+        assert np.array_equal(np.asarray(images), np.asarray(before))  # the caller's data is untouched
