@@ -256,10 +256,10 @@ def open_image(source: str | os.PathLike | IO[bytes], max_pixels: int | None = N
         raise ImageTooLarge(f"{name} is too large to decode safely: {e}") from e
     except FileNotFoundError as e:
         raise ValueError(f"{name} does not exist") from e
-    except (OSError, SyntaxError, ValueError) as e:  # PIL: not an image, truncated, unreadable
-        if isinstance(e, ImageTooLarge):
-            raise
-        raise ValueError(f"{name} is not a readable image: {e}") from e
+    except ImageTooLarge:
+        raise
+    except Exception as e:  # decoders raise OSError, EOFError, struct.error, ... on hostile bytes
+        raise ValueError(f"{name} is not a readable image ({type(e).__name__}: {e})") from e
 
 
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:

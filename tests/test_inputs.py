@@ -122,3 +122,26 @@ def test_restore_round_trips_every_kind():
         if out.ndim == 4:
             assert np.array_equal(np.asarray(out[1]), np.asarray(images[1]))
         assert np.array_equal(np.asarray(images), np.asarray(before))  # the caller's data is untouched
+
+
+@pytest.mark.filterwarnings("ignore:Truncated File Read")  # PIL's TIFF reader warns, then raises
+def test_corrupted_bytes_never_escape_as_other_errors():
+    """Hostile uploads: every corruption of a valid file decodes or raises ValueError, nothing else."""
+    import io
+
+    from nsfw_safety.inputs import open_image
+
+    rng = np.random.default_rng(0)
+    for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((24, 32, 3)) * 255).astype(np.uint8)).save(buf, fmt)
+        good = bytearray(buf.getvalue())
+        for _ in range(40):
+            bad = bytearray(good)
+            for i in rng.integers(0, len(bad), int(rng.integers(1, 8))):
+                bad[i] = int(rng.integers(0, 256))
+            data = bytes(bad[: int(rng.integers(8, len(bad) + 1))])
+            try:
+                open_image(io.BytesIO(data), max_pixels=10_000, name=f"fuzzed.{fmt.lower()}")
+            except ValueError as e:
+                assert "fuzzed" in str(e)
