@@ -124,7 +124,7 @@ def test_restore_round_trips_every_kind():
         assert np.array_equal(np.asarray(images), np.asarray(before))  # the caller's data is untouched
 
 
-X
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")  # it warns, then raises
 def test_corrupted_bytes_never_escape_as_other_errors():
     """Hostile uploads: every corruption of a valid file decodes or raises ValueError, nothing else."""
     import io
