@@ -104,20 +104,24 @@ class NSFWDetectorLoader:
         return (management.load(model, dtype),)
 
 
+def _filter_inputs(action_tooltip: str) -> dict:
+    """The inputs shared by the filter and the switch."""
+    return {"required": {
+        "images": ("IMAGE",),
+        "detector": (DETECTOR,),
+        "level": _LEVEL,
+        "threshold": _THRESHOLD,
+        "action": (list(ACTIONS), {"default": "blur", "tooltip": action_tooltip}),
+    }}
+
+
 class NSFWSafetyFilter:
     """Censor the flagged images of a batch, and report why."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "images": ("IMAGE",),
-            "detector": (DETECTOR,),
-            "level": _LEVEL,
-            "threshold": _THRESHOLD,
-            "action": (list(ACTIONS), {
-                "default": "blur", "tooltip": "what to do with flagged images; none only flags them. "
-                                              "Images that could not be checked are always black"}),
-        }}
+        return _filter_inputs("what to do with flagged images; none only flags them. "
+                              "Images that could not be checked are always black")
 
     RETURN_TYPES = ("IMAGE", "BOOLEAN", "FLOAT", "STRING", "MASK")
     RETURN_NAMES = ("images", "nsfw", "max_score", "report", "mask")
@@ -139,15 +143,8 @@ class NSFWSafetySwitch:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "images": ("IMAGE",),
-            "detector": (DETECTOR,),
-            "level": _LEVEL,
-            "threshold": _THRESHOLD,
-            "action": (list(ACTIONS), {
-                "default": "blur", "tooltip": "applied to the flagged output; none routes them unchanged "
-                                              "(images that could not be checked are always black)"}),
-        }}
+        return _filter_inputs("applied to the flagged output; none routes them unchanged "
+                              "(images that could not be checked are always black)")
 
     RETURN_TYPES = ("IMAGE", "IMAGE", "BOOLEAN", "STRING")
     RETURN_NAMES = ("safe", "flagged", "nsfw", "report")
