@@ -249,11 +249,15 @@ def load_detector(model: str | os.PathLike = DEFAULT_MODEL, *, revision: str | N
     dt = resolve_dtype(dtype, dev)
     path, model_id, spec = resolve(model, revision=revision, token=token, cache_dir=cache_dir,
                                    local_files_only=local_files_only)
-    key = (str(path.resolve()), revision, str(dev), dt, compile, max_batch_size)
+    key = (model_id, str(path.resolve()), revision, str(dev), dt, compile, max_batch_size)
     with _CACHE_LOCK:
-        if key not in _CACHE:
+        cached = _CACHE.get(key)
+        # Hosts move a cached model between devices (ComfyUI's offload, pipe.to) and the detector
+        # follows: that is its point. One whose dtype was changed under it is not handed out.
+        if cached is None or cached.dtype != dt:
             loaded = load_model(path, model_id, revision, spec)
             loaded.module.to(dev, dt)
             _CACHE[key] = Detector(loaded, max_batch_size=max_batch_size, compile=compile, path=path)
             log.info("loaded %s on %s in %s", model_id, dev, dt)
         return _CACHE[key]
+

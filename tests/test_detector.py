@@ -39,6 +39,14 @@ def test_detectors_are_cached_by_model_device_dtype(eva_dir):
     assert b is not a and b.dtype == torch.bfloat16
 
 
+def test_a_cached_detector_recast_by_a_host_is_not_handed_out_again(eva_dir):
+    a = load_detector(str(eva_dir))
+    a.to(dtype=torch.float16)  # as a pipeline's pipe.to(torch.float16) could
+    b = load_detector(str(eva_dir))
+    assert b is not a and b.dtype == torch.float32 and a.dtype == torch.float16
+    assert load_detector(str(eva_dir)) is b
+
+
 def test_scores_semantics_four_levels(eva_dir):
     det = load_detector(str(eva_dir))
     scores = det.predict(torch.rand(6, 3, 40, 50))
