@@ -226,6 +226,11 @@ class ImageTooLarge(ValueError):
     """An image over a pixel limit, or one that cannot be decoded safely (a decompression bomb)."""
 
 
+class MultiFrameImage(ValueError):
+    """A file with more than one frame or page (an animation, a multi-page TIFF): scoring one
+    frame of it would pass the others unchecked."""
+
+
 def open_image(source: str | os.PathLike | IO[bytes], max_pixels: int | None = None, *,
                formats: Sequence[str] | None = None, name: str | None = None) -> Image.Image:
     """Open an image file or stream: first frame, EXIF orientation applied, fully decoded.

@@ -101,6 +101,11 @@ def _resize(x: torch.Tensor, size: tuple[int, int], interpolation: Interpolation
     return F.interpolate(x, size=size, mode=interpolation, align_corners=False, antialias=True)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 in [0, 255] or float in [0, 1] -> float32 in [0, 1]."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
 def _snap(x: torch.Tensor) -> torch.Tensor:
     """Clamp to [0, 1] and round to the 1/255 grid, as a uint8 PIL image would."""
     return x.clamp(0.0, 1.0).mul(255.0).round().div(255.0)
@@ -125,16 +130,17 @@ def preprocess(pixels: torch.Tensor | list[torch.Tensor], cfg: PreprocessConfig,
     """Turn images into model input.
 
     Args:
-        pixels: (B, 3, H, W) float in [0, 1], or a list of (3, H_i, W_i) of mixed sizes.
+        pixels: (B, 3, H, W) float in [0, 1] or uint8 in [0, 255], or a list of (3, H_i, W_i)
+            of mixed sizes.
         cfg: the model's preprocessing.
         dtype: the compute dtype of the result.
     Returns:
         (B, 3, h, w) normalized, in ``dtype``, on the pixels' device.
     """
     if isinstance(pixels, torch.Tensor):
-        x = _resize_crop(pixels.float(), cfg)
+        x = _resize_crop(_unit(pixels), cfg)
     else:  # mixed sizes: one resize per image, then one batch
-        x = torch.cat([_resize_crop(p.float()[None], cfg) for p in pixels])
+        x = torch.cat([_resize_crop(_unit(p)[None], cfg) for p in pixels])
     x = _snap(x)  # the reference resizes in uint8
     mean, std = _mean_std(cfg.mean, cfg.std, x.device)
     return ((x - mean) / std).to(dtype)
