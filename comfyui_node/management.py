@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 import weakref
 
 import torch
@@ -85,17 +86,31 @@ def devices() -> tuple[torch.device, torch.device]:
     return device, device
 
 
+# The loader node's detectors, one per (checkpoint, dtype), kept for the life of the process:
+# ComfyUI re-runs the loader node whenever its output cache was evicted, and tracks models by
+# ModelPatcher (one per detector, below). ComfyUI's model management moves them between its
+# devices; that is what they are kept for. load_detector itself keeps no detectors.
+_DETECTORS: dict[tuple, Detector] = {}
+_LOCK = threading.Lock()
+
+
 def load(name: str, dtype: str = "auto") -> Detector:
-    """Load (or reuse) a detector for the ComfyUI nodes.
+    """The detector for a loader node: loaded once per (model, dtype), then the same object.
 
     It is loaded onto the offload device and reaches the load device through :func:`activate`.
     ``dtype="auto"`` is resolved against the load device: bf16 when ComfyUI runs on a CUDA GPU,
-    fp32 under ``--cpu``. ``load_detector``'s cache makes a re-executed loader node free.
+    fp32 under ``--cpu``. A kept detector whose dtype was changed under it is loaded again.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     load_device, offload_device = devices()
-    return load_detector(resolve_model(name), device=offload_device, dtype=resolve_dtype(dtype, load_device))
+    model, dt = resolve_model(name), resolve_dtype(dtype, load_device)
+    key = (model, str(offload_device), dt)
+    with _LOCK:
+        kept = _DETECTORS.get(key)
+        if kept is None or kept.dtype != dt:
+            _DETECTORS[key] = load_detector(model, device=offload_device, dtype=dt)
+        return _DETECTORS[key]
 
 
 class _Holder(nn.Module):
@@ -107,7 +122,7 @@ class _Holder(nn.Module):
         self.net = net
 
 
-# One patcher per detector for as long as the detector lives (load_detector's cache keeps it):
+# One patcher per detector for as long as the detector lives (_DETECTORS keeps it):
 # ComfyUI tracks loaded models by patcher, so a new patcher per run would double-count memory.
 _PATCHERS: weakref.WeakKeyDictionary[Detector, object] = weakref.WeakKeyDictionary()
 

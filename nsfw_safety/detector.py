@@ -1,15 +1,18 @@
 """The detector: a classifier, its preprocessing, batching, dtype and scores.
 
-``load_detector`` is the one entry point; loaded detectors are cached by
-(model, revision, device, dtype), the only global state of the library.
+``load_detector`` is the one entry point. It returns a new detector on every call; the
+checkpoints it has read (CPU, fp32) and the per-device constants of ``device_cache`` are the
+library's only global state.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from . import inputs as _inputs
+from .device_cache import on_device
 from .levels import LEVELS, Policy, level_matrix
 from .models import DEFAULT_MODEL, LoadedModel, ModelSpec, load_model, resolve
 from .preprocess import PreprocessConfig, preprocess
@@ -116,7 +120,6 @@ class Detector:
         self.path = path
         self.max_batch_size = max_batch_size
         self._level_matrix = level_matrix(self.labels)
-        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # a string names torch.compile's mode (torch rejects unknown ones here)
         mode = compile if isinstance(compile, str) else None
         self._forward = torch.compile(self.model, dynamic=False, mode=mode) if compile else self.model
@@ -212,16 +215,15 @@ class Detector:
         return Scores(probs, torch.where(valid[:, None], levels, blocked), self.labels, status)
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The level matrix (C, 4) and the fail-closed level row (4,), made once per device:
-        a host-to-device copy on every call would synchronize the stream."""
-        if device not in self._constants:
-            self._constants[device] = (self._level_matrix.to(device), BLOCKED.to(device))
-        return self._constants[device]
+        """The level matrix (C, 4) and the fail-closed level row (4,) on ``device``, made once per device."""
+        return on_device(("levels", self.labels), lambda: (self._level_matrix, BLOCKED), device)
 
 
 # --- loading ---------------------------------------------------------------------------------
 
-_CACHE: dict[tuple, Detector] = {}
+#: The checkpoints read so far, on the CPU in fp32, never handed out: (directory, spec, file
+#: versions) -> LoadedModel. Every detector gets a module of its own built over these weights.
+_CACHE: dict[tuple, LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -230,7 +232,14 @@ def load_detector(model: str | os.PathLike = DEFAULT_MODEL, *, revision: str | N
                   local_files_only: bool = False, device: torch.device | str | None = None,
                   dtype: torch.dtype | str | None = None, compile: bool | str = False,
                   max_batch_size: int = 32) -> Detector:
-    """Load (or reuse) a detector.
+    """Load a detector: a new one on every call, as ``timm.create_model`` gives a new model.
+
+    Detectors share no placement: moving or casting one (``pipe.to("cuda:1")``, ComfyUI's
+    offload) never moves another. The weights are read from disk once per checkpoint (again
+    when its files change) and kept on the CPU in fp32; each call builds its own module over
+    them, and ``device``/``dtype`` copy them, so only detectors on the CPU in fp32 share their
+    weights' memory. Treat the weights as read-only: writing into them in place (e.g.
+    ``load_state_dict``) would reach those other detectors too.
 
     Args:
         model: a registry name (``"eva"``, ``"vit-sd"``, ``"vit"``, ``"falconsai"``), a hub id, or a
@@ -249,15 +258,30 @@ def load_detector(model: str | os.PathLike = DEFAULT_MODEL, *, revision: str | N
     dt = resolve_dtype(dtype, dev)
     path, model_id, spec = resolve(model, revision=revision, token=token, cache_dir=cache_dir,
                                    local_files_only=local_files_only)
-    key = (model_id, str(path.resolve()), revision, str(dev), dt, compile, max_batch_size)
+    source = _read(path, model_id, revision, spec)
+    # the name it was loaded by, not that of whoever read the files first (a symlinked folder)
+    loaded = replace(source, module=_own_module(source.module).to(dev, dt), model_id=model_id, revision=revision)
+    log.info("loaded %s on %s in %s", model_id, dev, dt)
+    return Detector(loaded, max_batch_size=max_batch_size, compile=compile, path=path)
+
+
+def _read(path: Path, model_id: str, revision: str | None, spec: ModelSpec | None) -> LoadedModel:
+    """The checkpoint in directory ``path``, read from disk once per version of its files."""
+    files = sorted(f for f in path.resolve().iterdir() if f.suffix in (".json", ".safetensors"))
+    versions = tuple((f.name, st.st_ino, st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
+    key = (str(path.resolve()), repr(spec), versions)
     with _CACHE_LOCK:
-        cached = _CACHE.get(key)
-        # Hosts move a cached model between devices (ComfyUI's offload, pipe.to) and the detector
-        # follows: that is its point. One whose dtype was changed under it is not handed out.
-        if cached is None or cached.dtype != dt:
-            loaded = load_model(path, model_id, revision, spec)
-            loaded.module.to(dev, dt)
-            _CACHE[key] = Detector(loaded, max_batch_size=max_batch_size, compile=compile, path=path)
-            log.info("loaded %s on %s in %s", model_id, dev, dt)
+        if key not in _CACHE:
+            _CACHE[key] = load_model(path, model_id, revision, spec)
         return _CACHE[key]
 
+
+def _own_module(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with parameters and buffers of its own over the same memory.
+
+    ``nn.Module.to`` replaces a module's own tensors (``param.data = ...``), so moving or
+    casting the copy never touches ``module`` or any other copy.
+    """
+    memo = {id(t): nn.Parameter(t.detach(), t.requires_grad) if isinstance(t, nn.Parameter) else t.detach()
+            for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)

@@ -16,13 +16,14 @@ the rounding exact. The normalized result is cast to the compute dtype.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from .device_cache import on_device
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 # PIL resample codes used in preprocessor_config.json
@@ -142,12 +143,6 @@ def preprocess(pixels: torch.Tensor | list[torch.Tensor], cfg: PreprocessConfig,
     else:  # mixed sizes: one resize per image, then one batch
         x = torch.cat([_resize_crop(_unit(p)[None], cfg) for p in pixels])
     x = _snap(x)  # the reference resizes in uint8
-    mean, std = _mean_std(cfg.mean, cfg.std, x.device)
+    mean, std = on_device(("mean_std", cfg.mean, cfg.std), lambda: (
+        torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)), x.device)
     return ((x - mean) / std).to(dtype)
-
-
-@functools.lru_cache(maxsize=16)
-def _mean_std(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # made once per device: a host-to-device copy on every call would sync the stream
-    return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
-            torch.tensor(std, device=device).view(1, 3, 1, 1))

@@ -120,7 +120,9 @@ def test_loader_lists_registry_then_local_folders(models_dir, vit_safe_dir):
 def test_local_folder_wins_over_registry_name(models_dir, eva_safe_dir):
     (models_dir / "eva").symlink_to(eva_safe_dir, target_is_directory=True)
     assert management.model_choices().count("eva") == 1
-    assert load("eva") is load_detector(str(models_dir / "eva"), device="cpu")
+    detector = load("eva")  # never the hub: the folder's checkpoint, under the folder's name
+    assert detector.path == models_dir / "eva" and detector.model_id == str(models_dir / "eva")
+    assert float(detector.predict(comfy_images(2), layout="BHWC").levels[:, 0].min()) > 0.99  # the safe model
 
 
 def test_loader_is_cached(models_dir):
@@ -131,6 +133,11 @@ def test_loader_is_cached(models_dir):
     assert bf16 is not first and bf16.dtype == torch.bfloat16
     assert load("tiny-eva", "bf16") is bf16
     assert load("tiny-vit").labels == ("sfw", "nsfw")
+    # ComfyUI moves a kept detector between its devices; one whose dtype was changed is not handed out
+    first.to(dtype=torch.float16)
+    again = load("tiny-eva")
+    assert again is not first and again.dtype == torch.float32 and first.dtype == torch.float16
+    assert load("tiny-eva") is again
 
 
 def test_auto_dtype_follows_comfys_load_device(models_dir, monkeypatch):
@@ -400,7 +407,7 @@ def test_v3_nodes_match_the_classic_ones(models_dir, monkeypatch):
     assert "tiny-eva-nsfw" in model_input.kwargs["options"] and model_input.kwargs["default"] == "eva"
 
     (detector,) = v3.NSFWDetectorLoader.execute(model="tiny-eva-nsfw", dtype="auto")
-    assert detector is load("tiny-eva-nsfw")  # the one detector cache, whichever API loaded it
+    assert detector is v3.management.load("tiny-eva-nsfw")  # the loader's one cache, either API
     out = v3.NSFWSafetyFilter.execute(images=comfy_images(2), detector=detector, level="medium",
                                       threshold=0.5, action="black")
     assert len(out) == 5 and bool(out[0].eq(0).all()) and out[1] is True

@@ -9,8 +9,11 @@ import torch
 from huggingface_hub import constants
 
 from nsfw_safety import LEVELS, REGISTRY, ModelLoadError, load_detector
+from nsfw_safety import detector as detector_module
+from nsfw_safety import device_cache
 from nsfw_safety.detector import _CACHE, resolve_dtype
 from nsfw_safety.levels import level_matrix
+from nsfw_safety.models import load_model
 
 
 def test_registry_has_the_documented_models():
@@ -32,19 +35,70 @@ def test_load_from_directory_reads_the_checkpoint_config(eva_dir, vit_dir):
     assert (vit.preprocess_config.size, vit.preprocess_config.interpolation) == ((32, 32), "bilinear")
 
 
-def test_detectors_are_cached_by_model_device_dtype(eva_dir):
-    a = load_detector(str(eva_dir))
-    assert load_detector(str(eva_dir)) is a
-    b = load_detector(str(eva_dir), dtype="bf16")
-    assert b is not a and b.dtype == torch.bfloat16
+def test_every_load_is_a_new_detector_over_weights_read_once(eva_dir, eva_nsfw_dir, tmp_path, monkeypatch):
+    reads = []
+    monkeypatch.setattr(detector_module, "load_model", lambda *a: reads.append(a[0]) or load_model(*a))
+    folder = shutil.copytree(eva_dir, tmp_path / "eva")  # a checkpoint no other test has read
+    a, b = load_detector(folder), load_detector(folder)
+    assert reads == [folder]  # read from disk once
+    assert b is not a and b.model is not a.model
+    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        assert pa is not pb and pa.data_ptr() == pb.data_ptr(), name  # own tensors, one copy in memory
+    x = torch.rand(3, 3, 40, 50)
+    torch.testing.assert_close(a.predict(x).probs, b.predict(x).probs, rtol=0, atol=0)
+    c = load_detector(folder, dtype="bf16")
+    assert c.dtype == torch.bfloat16 and a.dtype == torch.float32 and reads == [folder]
+    # a checkpoint replaced on disk is read again
+    shutil.copy(eva_nsfw_dir / "model.safetensors", folder / "model.safetensors")
+    replaced = load_detector(folder)
+    assert reads == [folder, folder] and float(replaced.predict(x).levels[:, 3].min()) > 0.99
+    assert float(a.predict(x).levels[:, 3].max()) < 0.99  # the detectors already out keep their weights
 
 
-def test_a_cached_detector_recast_by_a_host_is_not_handed_out_again(eva_dir):
-    a = load_detector(str(eva_dir))
+def test_moving_or_casting_one_detector_leaves_the_others(eva_dir):
+    a, b = load_detector(str(eva_dir)), load_detector(str(eva_dir))
+    x = torch.rand(2, 3, 48, 48)
+    before = b.predict(x).probs
     a.to(dtype=torch.float16)  # as a pipeline's pipe.to(torch.float16) could
-    b = load_detector(str(eva_dir))
-    assert b is not a and b.dtype == torch.float32 and a.dtype == torch.float16
-    assert load_detector(str(eva_dir)) is b
+    assert a.dtype == torch.float16 and b.dtype == torch.float32
+    a.to("meta")  # as pipe.to("cuda:1") would: the weights leave the CPU
+    assert a.device.type == "meta" and b.device.type == "cpu"
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in b.model.parameters())
+    torch.testing.assert_close(b.predict(x).probs, before, rtol=0, atol=0)
+    c = load_detector(str(eva_dir))
+    assert (c.device.type, c.dtype) == ("cpu", torch.float32)
+    torch.testing.assert_close(c.predict(x).probs, before, rtol=0, atol=0)
+
+
+def test_a_symlinked_folder_keeps_its_own_name(eva_dir, tmp_path):
+    link = tmp_path / "my-detector"
+    link.symlink_to(eva_dir, target_is_directory=True)
+    linked, direct = load_detector(link), load_detector(eva_dir)
+    assert (linked.model_id, linked.path) == (str(link), link)
+    assert (direct.model_id, direct.path) == (str(eva_dir), eva_dir)
+    assert next(linked.model.parameters()).data_ptr() == next(direct.model.parameters()).data_ptr()  # read once
+
+
+def test_constants_are_made_once_per_device(eva_dir):
+    made = []
+
+    def factory():
+        made.append(1)
+        return torch.ones(3), torch.zeros(1)
+
+    first = device_cache.on_device(("test", 3), factory, "cpu")
+    assert device_cache.on_device(("test", 3), factory, torch.device("cpu")) is first and len(made) == 1
+    elsewhere = device_cache.on_device(("test", 3), factory, "meta")
+    assert elsewhere[0].device.type == "meta" and first[0].device.type == "cpu" and len(made) == 2
+    # scoring reuses the level matrix and the normalization constants: nothing new on the second call
+    det = load_detector(str(eva_dir))
+    det.predict(torch.rand(2, 3, 40, 40))
+    kept = dict(device_cache._CACHE)
+    det.predict(torch.rand(2, 3, 40, 40))
+    assert all(device_cache._CACHE[k] is v for k, v in kept.items()) and len(device_cache._CACHE) == len(kept)
+    cpu = torch.device("cpu")
+    assert (("levels", det.labels), cpu) in kept
+    assert (("mean_std", det.preprocess_config.mean, det.preprocess_config.std), cpu) in kept
 
 
 def test_scores_semantics_four_levels(eva_dir):

@@ -177,6 +177,22 @@ def test_follows_the_pipeline_device_but_keeps_its_compute_dtype(eva_dir):
     assert levels.dtype == torch.float32 and torch.isfinite(levels).all()
 
 
+def test_moving_one_pipeline_leaves_another_with_the_same_checkpoint(parts, baseline, eva_dir, mixed):
+    kwargs = dict(threshold=mixed.threshold, action="black", device="cpu")
+    a, b = (NSFWSafetyChecker.from_pretrained(str(eva_dir), **kwargs) for _ in range(2))
+    pipe_a = sd_pipe(sd_parts(), a, a.feature_extractor)  # own parts: this test moves them
+    pipe_b = sd_pipe(parts, b, b.feature_extractor)
+    expected = run(pipe_b).images
+    assert a.guard.detector is not b.guard.detector and a.classifier is not b.classifier
+    pipe_a.to("meta")  # what pipe_a.to("cuda:1") does to the weights: they leave the CPU
+    a.guard.detector.to(dtype=torch.bfloat16)  # and a host casting a's detector behind its back
+    assert a.device.type == "meta" and a.compute_dtype == torch.bfloat16
+    assert b.device.type == "cpu" and b.compute_dtype == torch.float32 and pipe_b.device.type == "cpu"
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in b.classifier.parameters())
+    out = run(pipe_b)
+    assert out.nsfw_content_detected == mixed.flags and torch.equal(out.images, expected)
+
+
 # --- zero-copy -----------------------------------------------------------------------------------
 
 @pytest.fixture
