@@ -1,4 +1,9 @@
-"""Classic (V1) ComfyUI nodes: a detector loader, a safety filter and a safety switch.
+"""The pack's nodes: a detector loader, a safety filter and a safety switch, as one table.
+
+:data:`NODES` describes each node once (see :mod:`.schema`); the classic (V1) classes below and
+the V3 classes of :mod:`.v3` are both generated from it. Every choice comes from the core: the
+registry and the local folders, ``nsfw_safety.censor.ACTIONS``, ``NSFW_LEVELS``, and the
+defaults of :class:`SafetyFilter`.
 
 The nodes are thin: every decision, resize and censoring kernel is ``nsfw_safety``'s. An IMAGE
 is ComfyUI's ``(B, H, W, C) float32 in [0, 1]`` batch (usually on the CPU); it is scored as one
@@ -7,15 +12,18 @@ batch on the detector's device and comes back in the same layout, dtype and devi
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
 import torch
 
-from nsfw_safety import LEVELS, NSFW_LEVELS, Detector, FilterResult, SafetyFilter
+from nsfw_safety import ACTIONS as CENSOR_ACTIONS
+from nsfw_safety import LEVELS, NSFW_LEVELS, REGISTRY, Detector, FilterResult, SafetyFilter
 from nsfw_safety.models import DEFAULT_MODEL
 
 from . import management
+from .schema import COMBO, Input, Node, Output, classic
 
 try:  # lets the switch skip the branch that received no images
     from comfy_execution.graph import ExecutionBlocker
@@ -24,11 +32,11 @@ except ImportError:
 
 CATEGORY = "image/safety"
 DETECTOR = "NSFW_DETECTOR"
-ACTIONS = ("blur", "pixelate", "black", "none")
-
-_LEVEL = (list(NSFW_LEVELS), {
-    "default": "medium", "tooltip": "flag an image when its score for this level (or above) reaches the threshold"})
-_THRESHOLD = ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01})
+#: The censor actions the nodes offer: all of the core's. Each one works with the core's
+#: default settings, which is all a node passes (``placeholder`` shows the built-in card).
+ACTIONS = tuple(CENSOR_ACTIONS)
+#: level, threshold and action default to the filter's own defaults.
+_DEFAULTS = {name: p.default for name, p in inspect.signature(SafetyFilter).parameters.items()}
 
 
 def _check(images: Any, detector: Any) -> None:
@@ -49,8 +57,6 @@ def guard(images: torch.Tensor, detector: Detector, level: str, threshold: float
         every image is flagged and black (``SafetyFilter`` fails closed and logs the error).
     """
     _check(images, detector)
-    if action not in ACTIONS:
-        raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
     management.activate(detector)
     return SafetyFilter(detector, level, threshold, action=action)(images, layout="BHWC")
 
@@ -80,86 +86,24 @@ def flag_mask(result: FilterResult, images: torch.Tensor) -> torch.Tensor:
     return flags.view(b, 1, 1).expand(b, h, w).contiguous()
 
 
-class NSFWDetectorLoader:
-    """Load an NSFW classifier once; re-running the node reuses the loaded model."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": (management.model_choices(), {
-                "default": DEFAULT_MODEL,
-                "tooltip": "eva: Freepik EVA02 (4 levels, default); vit-sd, vit, falconsai: 2-class ViTs; "
-                           f"or a checkpoint folder under models/{management.FOLDER}"}),
-            "dtype": (list(management.DTYPES), {
-                "default": "auto", "tooltip": "auto: bf16 on a GPU, fp32 on the CPU"}),
-        }}
-
-    RETURN_TYPES = (DETECTOR,)
-    RETURN_NAMES = ("detector",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Loads an NSFW image classifier (cached: re-running the workflow does not reload it)."
-
-    def load(self, model: str, dtype: str):
-        return (management.load(model, dtype),)
+def run_loader(model: str, dtype: str) -> tuple[Detector]:
+    """Load a detector (once per model and dtype: a re-executed loader does not reload)."""
+    return (management.load(model, dtype),)
 
 
-def _filter_inputs(action_tooltip: str) -> dict:
-    """The inputs shared by the filter and the switch."""
-    return {"required": {
-        "images": ("IMAGE",),
-        "detector": (DETECTOR,),
-        "level": _LEVEL,
-        "threshold": _THRESHOLD,
-        "action": (list(ACTIONS), {"default": "blur", "tooltip": action_tooltip}),
-    }}
+def run_filter(images: torch.Tensor, detector: Detector, level: str, threshold: float, action: str) -> tuple:
+    """(censored images, any flagged, max score, JSON report, flag mask)."""
+    result = guard(images, detector, level, threshold, action)
+    return (result.images, result.any_flagged, max_score(result, level),
+            report(result, detector, level, threshold, action), flag_mask(result, images))
 
 
-class NSFWSafetyFilter:
-    """Censor the flagged images of a batch, and report why."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _filter_inputs("what to do with flagged images; none only flags them. "
-                              "Images that could not be checked are always black")
-
-    RETURN_TYPES = ("IMAGE", "BOOLEAN", "FLOAT", "STRING", "MASK")
-    RETURN_NAMES = ("images", "nsfw", "max_score", "report", "mask")
-    OUTPUT_TOOLTIPS = ("the input with flagged images censored", "true if any image is flagged",
-                       "the highest score of the chosen level in the batch",
-                       "JSON: per-image scores, flags and reasons", "1 over flagged images, 0 elsewhere")
-    FUNCTION = "filter"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Scores the whole batch and blurs, pixelates or blacks out the flagged images (fails closed)."
-
-    def filter(self, images: torch.Tensor, detector: Detector, level: str, threshold: float, action: str):
-        result = guard(images, detector, level, threshold, action)
-        return (result.images, result.any_flagged, max_score(result, level),
-                report(result, detector, level, threshold, action), flag_mask(result, images))
-
-
-class NSFWSafetySwitch:
-    """Route a batch: unflagged images to ``safe``, flagged ones (censored by ``action``) to ``flagged``."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _filter_inputs("applied to the flagged output; none routes them unchanged "
-                              "(images that could not be checked are always black)")
-
-    RETURN_TYPES = ("IMAGE", "IMAGE", "BOOLEAN", "STRING")
-    RETURN_NAMES = ("safe", "flagged", "nsfw", "report")
-    OUTPUT_TOOLTIPS = ("the images that passed; nodes after it are skipped when there are none",
-                       "the flagged images; nodes after it are skipped when there are none",
-                       "true if any image is flagged", "JSON: per-image scores, flags and reasons")
-    FUNCTION = "switch"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Splits a batch into safe and flagged images, so each can go to its own branch."
-
-    def switch(self, images: torch.Tensor, detector: Detector, level: str, threshold: float, action: str):
-        result = guard(images, detector, level, threshold, action)
-        flagged = torch.tensor(result.flagged, device=result.images.device)
-        return (_branch(result.images[~flagged]), _branch(result.images[flagged]), result.any_flagged,
-                report(result, detector, level, threshold, action))
+def run_switch(images: torch.Tensor, detector: Detector, level: str, threshold: float, action: str) -> tuple:
+    """(unflagged images, flagged images censored by ``action``, any flagged, JSON report)."""
+    result = guard(images, detector, level, threshold, action)
+    flagged = torch.tensor(result.flagged, device=result.images.device)
+    return (_branch(result.images[~flagged]), _branch(result.images[flagged]), result.any_flagged,
+            report(result, detector, level, threshold, action))
 
 
 def _branch(images: torch.Tensor) -> Any:
@@ -169,13 +113,54 @@ def _branch(images: torch.Tensor) -> Any:
     return images
 
 
-NODE_CLASS_MAPPINGS = {
-    "NSFWDetectorLoader": NSFWDetectorLoader,
-    "NSFWSafetyFilter": NSFWSafetyFilter,
-    "NSFWSafetySwitch": NSFWSafetySwitch,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "NSFWDetectorLoader": "NSFW Detector Loader",
-    "NSFWSafetyFilter": "NSFW Safety Filter",
-    "NSFWSafetySwitch": "NSFW Safety Switch",
-}
+# --- the table -----------------------------------------------------------------------------------
+
+def _rule_inputs(action_tooltip: str) -> tuple[Input, ...]:
+    """The inputs shared by the filter and the switch."""
+    return (
+        Input("images", "IMAGE"),
+        Input("detector", DETECTOR),
+        Input("level", COMBO, "flag an image when its score for this level (or above) reaches the threshold",
+              default=_DEFAULTS["level"], choices=lambda: NSFW_LEVELS),
+        Input("threshold", "FLOAT", default=_DEFAULTS["threshold"], min=0.0, max=1.0, step=0.01),
+        Input("action", COMBO, action_tooltip, default=_DEFAULTS["action"], choices=lambda: ACTIONS),
+    )
+
+
+_MODEL_TOOLTIP = (f"a registry model ({', '.join(REGISTRY)}; {DEFAULT_MODEL} is the default) or a checkpoint "
+                  f"folder under models/{management.FOLDER}; a folder named like a registry model takes its place")
+
+NODES: tuple[Node, ...] = (
+    Node("NSFWDetectorLoader", "NSFW Detector Loader", CATEGORY,
+         "Loads an NSFW image classifier (cached: re-running the workflow does not reload it).",
+         "load", run_loader,
+         inputs=(Input("model", COMBO, _MODEL_TOOLTIP, default=DEFAULT_MODEL, choices=management.model_choices),
+                 Input("dtype", COMBO, "auto: bf16 on a GPU, fp32 on the CPU", default="auto",
+                       choices=lambda: management.DTYPES)),
+         outputs=(Output(DETECTOR, "detector", "the classifier, for the filter and switch nodes"),)),
+    Node("NSFWSafetyFilter", "NSFW Safety Filter", CATEGORY,
+         "Scores the whole batch and censors the flagged images (fails closed).",
+         "filter", run_filter,
+         inputs=_rule_inputs("what to do with flagged images; none only flags them. "
+                             "Images that could not be checked are always black"),
+         outputs=(Output("IMAGE", "images", "the input with flagged images censored"),
+                  Output("BOOLEAN", "nsfw", "true if any image is flagged"),
+                  Output("FLOAT", "max_score", "the highest score of the chosen level in the batch"),
+                  Output("STRING", "report", "JSON: per-image scores, flags and reasons"),
+                  Output("MASK", "mask", "1 over flagged images, 0 elsewhere"))),
+    Node("NSFWSafetySwitch", "NSFW Safety Switch", CATEGORY,
+         "Splits a batch into safe and flagged images, so each can go to its own branch.",
+         "switch", run_switch,
+         inputs=_rule_inputs("applied to the flagged output; none routes them unchanged "
+                             "(images that could not be checked are always black)"),
+         outputs=(Output("IMAGE", "safe", "the images that passed; nodes after it are skipped when there are none"),
+                  Output("IMAGE", "flagged", "the flagged images; nodes after it are skipped when there are none"),
+                  Output("BOOLEAN", "nsfw", "true if any image is flagged"),
+                  Output("STRING", "report", "JSON: per-image scores, flags and reasons"))),
+)
+
+NODE_CLASS_MAPPINGS = {node.node_id: classic(node) for node in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {node.node_id: node.display_name for node in NODES}
+NSFWDetectorLoader = NODE_CLASS_MAPPINGS["NSFWDetectorLoader"]
+NSFWSafetyFilter = NODE_CLASS_MAPPINGS["NSFWSafetyFilter"]
+NSFWSafetySwitch = NODE_CLASS_MAPPINGS["NSFWSafetySwitch"]

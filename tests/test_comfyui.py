@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -22,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # comfyui_node is not an installed package: ComfyUI imports it from the clone
     sys.path.insert(0, str(ROOT))
 
-from comfyui_node import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, management, nodes  # noqa: E402
-from nsfw_safety import Detector, load_detector  # noqa: E402
+from comfyui_node import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, management, nodes, schema  # noqa: E402
+from nsfw_safety import (  # noqa: E402
+    ACTIONS, NSFW_LEVELS, REGISTRY, Detector, ModelSpec, SafetyFilter, load_detector, register,
+)
+from nsfw_safety.censor import default_card, place  # noqa: E402
 
 PYTHON_KINDS = {"IMAGE": torch.Tensor, "MASK": torch.Tensor, "BOOLEAN": bool, "FLOAT": float, "STRING": str,
                 "NSFW_DETECTOR": Detector}
@@ -85,7 +89,47 @@ def test_classic_schema():
     assert nodes.NSFWSafetyFilter.RETURN_TYPES == ("IMAGE", "BOOLEAN", "FLOAT", "STRING", "MASK")
     levels = nodes.NSFWSafetyFilter.INPUT_TYPES()["required"]["level"][0]
     assert levels == ["low", "medium", "high"]
-    assert nodes.NSFWSafetyFilter.INPUT_TYPES()["required"]["action"][0] == ["blur", "pixelate", "black", "none"]
+    assert nodes.NSFWSafetyFilter.INPUT_TYPES()["required"]["action"][0] == [
+        "blur", "pixelate", "black", "placeholder", "none"]
+
+
+def test_classic_classes_are_generated_from_the_table():
+    assert list(NODE_CLASS_MAPPINGS) == [node.node_id for node in nodes.NODES]
+    for node in nodes.NODES:
+        cls = NODE_CLASS_MAPPINGS[node.node_id]
+        assert cls.NODE is node and cls.__name__ == node.node_id
+        assert NODE_DISPLAY_NAME_MAPPINGS[node.node_id] == node.display_name
+        assert (cls.CATEGORY, cls.DESCRIPTION, cls.FUNCTION) == (node.category, node.description, node.function)
+        assert cls.RETURN_TYPES == tuple(o.type for o in node.outputs)
+        assert cls.RETURN_NAMES == tuple(o.name for o in node.outputs)
+        assert cls.OUTPUT_TOOLTIPS == tuple(o.tooltip for o in node.outputs)
+        required = cls.INPUT_TYPES()["required"]
+        assert list(required) == [i.name for i in node.inputs]
+        for i in node.inputs:
+            kind = list(i.choices()) if i.type == schema.COMBO else i.type
+            assert required[i.name] == ((kind, i.options()) if i.options() else (kind,)), i.name
+
+
+def test_choices_and_defaults_come_from_the_core(models_dir):
+    for node in (nodes.NSFWSafetyFilter, nodes.NSFWSafetySwitch):
+        required = node.INPUT_TYPES()["required"]
+        assert required["level"][0] == list(NSFW_LEVELS) and required["action"][0] == list(ACTIONS)
+        defaults = {k: required[k][1]["default"] for k in ("level", "threshold", "action")}
+        assert defaults == {k: v.default for k, v in inspect.signature(SafetyFilter).parameters.items()
+                            if k in defaults}
+    # a model registered at run time is offered at the next prompt, before the local folders
+    spec = ModelSpec("extra", "someone/extra", ("sfw", "nsfw"), REGISTRY["vit"].preprocess, "MIT")
+    register(spec)
+    try:
+        choices = nodes.NSFWDetectorLoader.INPUT_TYPES()["required"]["model"][0]
+        assert choices[: len(REGISTRY)] == list(REGISTRY) and choices[len(REGISTRY)] == "tiny-eva"
+    finally:
+        del REGISTRY["extra"]
+    # and no vocabulary of the core is spelled out in the pack (only derived)
+    for file in (ROOT / "comfyui_node").glob("*.py"):
+        text = file.read_text()
+        for word in {*ACTIONS, *NSFW_LEVELS, *REGISTRY}:
+            assert f'"{word}"' not in text and f"'{word}'" not in text, (file.name, word)
 
 
 def test_functions_return_what_the_schema_declares(models_dir):
@@ -179,7 +223,7 @@ def test_filter_censors_flagged_images_only(models_dir):
     assert images.equal(comfy_images(6))  # the input batch is never modified
 
 
-@pytest.mark.parametrize("action", ["black", "pixelate", "none"])
+@pytest.mark.parametrize("action", ["black", "pixelate", "placeholder", "none"])
 def test_filter_actions_on_a_flagged_batch(models_dir, action):
     images = comfy_images(2)
     out, nsfw, top, text, mask = run_filter(images, load("tiny-eva-nsfw"), "high", 0.9, action)
@@ -188,6 +232,9 @@ def test_filter_actions_on_a_flagged_batch(models_dir, action):
         assert bool(out.eq(0).all())
     elif action == "none":
         assert torch.equal(out, images)
+    elif action == "placeholder":  # the built-in card, fitted to each image
+        card = place(images.permute(0, 3, 1, 2), default_card()).permute(0, 2, 3, 1)
+        torch.testing.assert_close(out, card, atol=1e-6, rtol=0)
     else:  # pixelate: blocks of equal colour
         assert not torch.equal(out, images) and out[:, :2, :2].std(dim=(1, 2)).max() < 1e-6
     assert all(im["action"] == action for im in json.loads(text)["images"])
@@ -234,7 +281,7 @@ def test_filter_rejects_what_is_not_an_image_batch(models_dir):
     with pytest.raises(TypeError, match="NSFW Detector Loader"):
         run_filter(comfy_images(1), "eva")
     with pytest.raises(ValueError, match="action must be one of"):
-        run_filter(comfy_images(1), detector, action="placeholder")
+        run_filter(comfy_images(1), detector, action="smudge")
     with pytest.raises(ValueError, match="level must be one of"):
         run_filter(comfy_images(1), detector, level="neutral")
 
@@ -374,15 +421,64 @@ def _fake_comfy_api() -> types.ModuleType:
             self.args, self.kwargs = args, kwargs
 
     def socket_type(io_type):
-        return type(io_type, (), {"io_type": io_type, "Input": Socket, "Output": Socket})
+        sock = type(f"{io_type}Socket", (Socket,), {"io_type": io_type})
+        return type(io_type, (), {"io_type": io_type, "Input": sock, "Output": sock})
 
-    io = types.SimpleNamespace(
+    io = types.ModuleType("comfy_api.latest.io")  # a module, as the real one is
+    vars(io).update(
         ComfyNode=type("ComfyNode", (), {}), Schema=lambda **kw: types.SimpleNamespace(**kw),
         NodeOutput=lambda *values: values, Custom=socket_type,
         **{n: socket_type(n.upper()) for n in ("Image", "Mask", "Boolean", "Float", "String", "Combo")})
     latest = types.ModuleType("comfy_api.latest")
     latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})
     return latest
+
+
+def assert_v3_matches_classic(v3_node: type, classic: type) -> None:
+    """The V3 schema states exactly what the classic attributes state, input by input."""
+    v3 = v3_node.define_schema()
+    assert (v3.node_id, v3.category, v3.description) == (classic.__name__, classic.CATEGORY, classic.DESCRIPTION)
+    required = classic.INPUT_TYPES()["required"]
+    assert [i.args for i in v3.inputs] == [(name,) for name in required]
+    for socket, (kind, *options) in zip(v3.inputs, required.values()):
+        kwargs = dict(socket.kwargs)
+        if isinstance(kind, list):  # a combo: its choices are the V3 options
+            assert socket.io_type == schema.COMBO and kwargs.pop("options") == kind
+        else:
+            assert socket.io_type == kind
+        assert kwargs == (options[0] if options else {}), socket.args
+    assert [o.io_type for o in v3.outputs] == list(classic.RETURN_TYPES)
+    assert [o.kwargs for o in v3.outputs] == [{"display_name": n, "tooltip": t or None}
+                                              for n, t in zip(classic.RETURN_NAMES, classic.OUTPUT_TOOLTIPS)]
+
+
+def test_both_apis_are_generated_from_one_description():
+    """Any node of the table, generated both ways, says the same thing and runs the same function."""
+    calls = []
+
+    def run(images, rule, strength, count=None):
+        """Runs the node."""
+        calls.append((images, rule, strength))
+        return (images, rule)
+
+    node = schema.Node(
+        "AnyNode", "Any Node", "test", "does things", "go", run,
+        inputs=(schema.Input("images", "IMAGE", "the pictures"), schema.Input("rule", "NSFW_DETECTOR"),
+                schema.Input("strength", "FLOAT", default=0.25, min=0.0, max=2.0, step=0.05),
+                schema.Input("count", schema.COMBO, "how many", default="b", choices=lambda: ("a", "b"))),
+        outputs=(schema.Output("IMAGE", "out", "the pictures again"), schema.Output("NSFW_DETECTOR", "rule")))
+    classic = schema.classic(node)
+    v3 = schema.v3(_fake_comfy_api().io, node)
+    assert classic.INPUT_TYPES()["required"] == {
+        "images": ("IMAGE", {"tooltip": "the pictures"}), "rule": ("NSFW_DETECTOR",),
+        "strength": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 2.0, "step": 0.05}),
+        "count": (["a", "b"], {"default": "b", "tooltip": "how many"})}
+    assert (classic.RETURN_TYPES, classic.RETURN_NAMES, classic.OUTPUT_TOOLTIPS) == (
+        ("IMAGE", "NSFW_DETECTOR"), ("out", "rule"), ("the pictures again", ""))
+    assert classic.FUNCTION == "go" and classic.go.__doc__ == "Runs the node."
+    assert_v3_matches_classic(v3, classic)
+    assert classic().go(1, "r", 0.5) == (1, "r") and v3.execute(images=2, rule="s", strength=1.0) == (2, "s")
+    assert calls == [(1, "r", 0.5), (2, "s", 1.0)]
 
 
 def test_v3_nodes_match_the_classic_ones(models_dir, monkeypatch):
@@ -392,22 +488,19 @@ def test_v3_nodes_match_the_classic_ones(models_dir, monkeypatch):
     pack = import_like_comfyui(ROOT)
     assert hasattr(pack, "comfy_entrypoint") and not hasattr(pack, "NODE_CLASS_MAPPINGS")
     v3 = pack._v3
-    monkeypatch.setattr(v3.management, "checkpoint_roots", lambda: [str(models_dir)])
+    monkeypatch.setattr(v3.nodes.management, "checkpoint_roots", lambda: [str(models_dir)])
 
     node_list = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
-    assert {n.define_schema().node_id for n in node_list} == set(NODE_CLASS_MAPPINGS)
+    assert [n.define_schema().node_id for n in node_list] == list(NODE_CLASS_MAPPINGS)
     for node in node_list:
-        schema = node.define_schema()
-        classic = NODE_CLASS_MAPPINGS[schema.node_id]
-        assert schema.display_name == NODE_DISPLAY_NAME_MAPPINGS[schema.node_id]
-        assert schema.category == classic.CATEGORY
-        assert [i.args[0] for i in schema.inputs] == list(classic.INPUT_TYPES()["required"])
-        assert [o.kwargs["display_name"] for o in schema.outputs] == list(classic.RETURN_NAMES)
+        schema_ = node.define_schema()
+        assert schema_.display_name == NODE_DISPLAY_NAME_MAPPINGS[schema_.node_id]
+        assert_v3_matches_classic(node, NODE_CLASS_MAPPINGS[schema_.node_id])
     model_input = v3.NSFWDetectorLoader.define_schema().inputs[0]
     assert "tiny-eva-nsfw" in model_input.kwargs["options"] and model_input.kwargs["default"] == "eva"
 
     (detector,) = v3.NSFWDetectorLoader.execute(model="tiny-eva-nsfw", dtype="auto")
-    assert detector is v3.management.load("tiny-eva-nsfw")  # the loader's one cache, either API
+    assert detector is v3.nodes.management.load("tiny-eva-nsfw")  # the loader's one cache, either API
     out = v3.NSFWSafetyFilter.execute(images=comfy_images(2), detector=detector, level="medium",
                                       threshold=0.5, action="black")
     assert len(out) == 5 and bool(out[0].eq(0).all()) and out[1] is True
