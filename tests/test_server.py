@@ -29,7 +29,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from nsfw_safety import Detector, SafetyFilter, load_detector  # noqa: E402
 from nsfw_safety.inputs import MultiFrameImage, open_image  # noqa: E402
 from nsfw_safety.models import load_model  # noqa: E402
-from nsfw_safety.server import Settings, add_arguments, create_app, run  # noqa: E402
+from nsfw_safety.server import Settings, add_arguments, create_app, run, uvicorn_config  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -550,7 +550,8 @@ def test_uvicorn_under_concurrent_load(eva_dir, eva):
     env = {"NSFW_SAFETY_MODEL": str(eva_dir), "NSFW_SAFETY_DEVICE": "cpu", "NSFW_SAFETY_MAX_BATCH": "16",
            "NSFW_SAFETY_MAX_WAIT_MS": "10"}
     sock = free_socket()
-    server = uvicorn.Server(uvicorn.Config(create_app(Settings.from_env(env)), log_level="warning"))
+    settings = Settings.from_env(env)
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = "http://127.0.0.1:%d" % sock.getsockname()[1]
