@@ -177,8 +177,7 @@ class Settings:
                 try:
                     values[f.name] = _PARSE.get(f.name, str)(raw)
                 except ValueError as e:
-                    shown = "<hidden>" if f.name == "api_key" else repr(raw)
-                    raise ValueError(f"{var}={shown}: {e}") from None
+                    raise ValueError(f"{var}={raw!r}: {e}") from None
             if overrides.get(f.name) is not None:
                 values[f.name] = overrides[f.name]
         return cls(**values)

@@ -524,7 +524,18 @@ def test_settings_from_env_and_flags(monkeypatch):
     s = Settings.from_env(env, **{k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__})
     assert (s.model, s.level, s.threshold, s.max_batch_size, s.max_wait_ms) == ("vit", "high", 0.3, 8, 2.5)
     assert s.max_pixels == 1000 and s.content_types == ("image/png", "image/jpeg")
+    assert s.max_pixels_in_flight == 4000 and (s.lock_policy, s.api_key) == (False, None)
+    s = Settings.from_env({"NSFW_SAFETY_LOCK_POLICY": "yes", "NSFW_SAFETY_API_KEY": "k", "NSFW_SAFETY_BODY_TIMEOUT": "5"},
+                          **vars(parser.parse_args(["--header-timeout", "2", "--max-pixels-in-flight", "99999999"])))
+    assert (s.lock_policy, s.api_key, s.header_timeout, s.body_timeout, s.max_pixels_in_flight) == (True, "k", 2, 5, 99999999)
+    assert Settings.from_env({}, **vars(parser.parse_args(["--lock-policy"]))).lock_policy is True
     assert Settings.from_env({}) == Settings()
+    with pytest.raises(ValueError, match="NSFW_SAFETY_LOCK_POLICY='maybe'"):
+        Settings.from_env({"NSFW_SAFETY_LOCK_POLICY": "maybe"})
+    with pytest.raises(ValueError, match="max_pixels_in_flight"):
+        Settings(max_pixels=100, max_pixels_in_flight=99)
+    with pytest.raises(ValueError, match="api_key"):
+        Settings(api_key=" ")
     with pytest.raises(ValueError, match="NSFW_SAFETY_THRESHOLD='lots'"):
         Settings.from_env({"NSFW_SAFETY_THRESHOLD": "lots"})
     with pytest.raises(ValueError, match="threshold"):
