@@ -124,8 +124,8 @@ class Regions:
         boxes = self.boxes[keep]
         half = (boxes[:, 2:] - boxes[:, :2]) * grow[self.classes[keep]][:, None] / 2
         H, W = self.size
-        limit = torch.tensor([W, H, W, H], device=boxes.device, dtype=boxes.dtype)
-        boxes = torch.minimum((boxes + torch.cat([-half, half], 1)).clamp(min=0), limit)
+        x1, y1, x2, y2 = (boxes + torch.cat([-half, half], 1)).unbind(1)
+        boxes = torch.stack([x1.clamp(0, W), y1.clamp(0, H), x2.clamp(0, W), y2.clamp(0, H)], 1)
         return Regions(boxes, self.scores[keep], self.classes[keep], self.image[keep], self.size,
                        self.problems, self.labels)
 
@@ -180,7 +180,7 @@ class RegionDetector:
             metadata (``names``, ``imgsz``) when present.
         device: where the model runs; default CUDA when torch and onnxruntime both have it, else
             CPU. On CUDA the session uses the CUDA provider and is fed from the tensor's own
-            memory (IO binding), so the pixels never leave the GPU; only the boxes' count does.
+            memory (IO binding), so the pixels never leave the GPU.
         min_score: boxes under this score are dropped (nudenet: 0.25).
         iou: NMS overlap threshold (nudenet: 0.45).
         threads: onnxruntime's intra-op threads on the CPU (default: its own choice).
@@ -192,6 +192,9 @@ class RegionDetector:
             import onnxruntime as ort
         except ImportError:
             raise ImportError("the region detector needs onnxruntime: pip install 'nsfw-safety[regions]'") from None
+        from torchvision.ops import batched_nms  # seconds to import: here, not on the first call
+
+        self._nms = batched_nms
         path = Path(model) if model is not None else default_model_path()
         if not path.is_file():
             raise FileNotFoundError(f"region detector model not found: {path}")
@@ -257,7 +260,8 @@ class RegionDetector:
         for start in range(0, N, step):
             chunk = blob[start:start + step]
             try:
-                raw = self._run(chunk)
+                # a fixed-batch model's last chunk is padded with black images
+                raw = self._run(F.pad(chunk, (0, 0, 0, 0, 0, 0, 0, step - len(chunk))))[:len(chunk)]
             except Exception as e:  # fail closed: the caller censors these images whole
                 log.warning("region detector failed on images %d..%d: %s", start, start + len(chunk) - 1, e)
                 raw = torch.full((len(chunk), 4 + len(self.labels), self._anchors), float("nan"))
@@ -290,27 +294,23 @@ class RegionDetector:
     def _postprocess(self, raw: torch.Tensor, size: tuple[int, int], problems: list[str | None],
                      finite_input: torch.Tensor) -> Regions:
         """raw: (N, 4 + C, A) -> Regions, as nudenet's ``_postprocess`` does per image."""
-        from torchvision.ops import batched_nms
-
         H, W = size
         N, dev = raw.shape[0], raw.device
         finite_output = torch.isfinite(raw).flatten(1).all(1)
         finite = finite_input.to(dev) & finite_output
         pred = raw.transpose(1, 2)  # (N, A, 4 + C)
         scores, classes = pred[..., 4:].max(-1)
-        cxcy, wh = pred[..., :2], pred[..., 2:4]
+        cx, cy, w, h = pred[..., :4].unbind(-1)
         scale = max(H, W) / self.resolution
-        xy = ((cxcy - wh / 2) * scale).clamp(min=0)
-        limit = torch.tensor([W, H], device=dev, dtype=xy.dtype)
-        xy = torch.minimum(xy, limit)
+        x, y = ((cx - w / 2) * scale).clamp(0, W), ((cy - h / 2) * scale).clamp(0, H)
         # nudenet clips the corner but keeps the width, so a box crossing the left or top edge
-        # grows there (it covers more, never less, than the model's box)
-        wh = torch.minimum(wh * scale, limit - xy)
-        boxes = torch.cat([xy, xy + wh], -1)
+        # grows on the other side (it covers more, never less, than the model's box)
+        w, h = torch.minimum(w * scale, W - x), torch.minimum(h * scale, H - y)
+        boxes = torch.stack([x, y, x + w, y + h], -1)
         keep = (scores > self.min_score) & finite[:, None]
         image = torch.arange(N, device=dev)[:, None].expand_as(keep)[keep]
         boxes, scores, classes = boxes[keep], scores[keep], classes[keep]  # shapes depend on data from here
-        kept = batched_nms(boxes, scores, image, self.iou)  # by descending score
+        kept = self._nms(boxes, scores, image, self.iou)  # by descending score
         kept = kept[torch.sort(image[kept], stable=True).indices]
         flags = torch.stack([~finite_input.to(dev), ~finite_output], 1).tolist()
         problems = [p or ("non-finite input" if bad_in else "region detector returned non-finite values" if bad_out
@@ -337,8 +337,8 @@ def letterbox(images: torch.Tensor, R: int) -> torch.Tensor:
     N, C, H, W = images.shape
     S = max(H, W)
     fixed = images.dtype == torch.uint8
-    r0, r1, b0, b1 = _on(_taps(R, S, H, rows=True), fixed, images.device)
-    c0, c1, a0, a1 = _on(_taps(R, S, W, rows=False), fixed, images.device)
+    r0, r1, b0, b1 = _device_taps(R, S, H, True, fixed, images.device)
+    c0, c1, a0, a1 = _device_taps(R, S, W, False, fixed, images.device)
     top, bottom = images.index_select(2, r0), images.index_select(2, r1)  # (N, C, kr, W)
     if fixed:
         def across(rows: torch.Tensor) -> torch.Tensor:  # horizontal pass, x 2048, then >> 4 to int16 range
@@ -352,15 +352,16 @@ def letterbox(images: torch.Tensor, R: int) -> torch.Tensor:
     return F.pad(x, (0, R - x.shape[3], 0, R - x.shape[2]))  # the rest samples the black padding
 
 
-def _on(taps: tuple[np.ndarray, ...], fixed: bool, device: torch.device) -> list[torch.Tensor]:
-    """Taps as tensors on ``device``; weights as OpenCV's 11-bit integers when ``fixed``."""
-    i0, i1, w0, w1 = taps
+@functools.lru_cache(maxsize=64)
+def _device_taps(R: int, S: int, L: int, rows: bool, fixed: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """:func:`_taps` as tensors on ``device``, kept (no copy to the device per call); the weights
+    as OpenCV's 11-bit integers when ``fixed``."""
+    i0, i1, w0, w1 = _taps(R, S, L, rows)
     if fixed:
         w0, w1 = (np.rint(w * 2048).astype(np.int32) for w in (w0, w1))
-    return [torch.as_tensor(t, device=device) for t in (i0, i1, w0, w1)]
+    return tuple(torch.as_tensor(t, device=device) for t in (i0, i1, w0, w1))
 
 
-@functools.lru_cache(maxsize=64)
 def _taps(R: int, S: int, L: int, rows: bool) -> tuple[np.ndarray, ...]:
     """OpenCV's INTER_LINEAR taps for resizing an axis of the padded length S to R, where only
     the first L pixels are image (the rest is black padding).
