@@ -78,7 +78,8 @@ class Regions:
             descending score within an image.
         size: (H, W) of the images.
         problems: N entries; a string where the detector could not check that image (it raised,
-            or returned non-finite values). Such an image has no boxes and must be censored whole.
+            returned non-finite values, or the image had a non-finite pixel). Such an image has
+            no boxes and must be censored whole.
         labels: the model's class names.
     """
 

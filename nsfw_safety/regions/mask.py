@@ -48,8 +48,11 @@ def region_mask(regions: Regions, *, shape: str = "rectangle", feather: float = 
     dev = regions.boxes.device
     mask = torch.zeros(len(regions), H, W, device=dev)
     step = max(1, _CHUNK // (H * W))
-    for start in range(0, len(regions.boxes), step):
-        part = _box_masks(regions.boxes[start:start + step], H, W, shape, feather)
+    # a box with a non-finite corner (only a hand-made Regions can have one) covers its whole image
+    whole = torch.tensor([0.0, 0.0, W, H], device=dev)
+    boxes = torch.where(torch.isfinite(regions.boxes).all(1, keepdim=True), regions.boxes.float(), whole)
+    for start in range(0, len(boxes), step):
+        part = _box_masks(boxes[start:start + step], H, W, shape, feather)
         mask.scatter_reduce_(0, regions.image[start:start + step, None, None].expand_as(part), part, "amax")
     failed = [i for i, p in enumerate(regions.problems) if p]
     if failed:
@@ -93,7 +96,7 @@ def censor_regions(x: torch.Tensor, mask: torch.Tensor, action: str, *, regions:
 
     Args:
         x: (N, 3, H, W) float in [0, 1].
-        mask: (N, H, W) float in [0, 1], e.g. from :func:`region_mask`.
+        mask: (N, H, W) float in [0, 1], e.g. from :func:`region_mask` (NaN counts as 1).
         action: ``"blur"``, ``"pixelate"``, ``"black"``, ``"placeholder"`` or ``"none"``.
         regions: the boxes the mask was made from; required for ``"placeholder"``.
         blur_strength, block, color, placeholder: as for ``nsfw_safety.censor.censor``.
@@ -115,7 +118,7 @@ def censor_regions(x: torch.Tensor, mask: torch.Tensor, action: str, *, regions:
         censored = _cards(x, regions, placeholder if placeholder is not None else default_card())
     else:
         censored = censor(x, action, blur_strength=blur_strength, block=block, color=color)
-    m = mask.to(x.device)[:, None]
+    m = mask.to(x.device).nan_to_num(1.0).clamp(0, 1)[:, None]  # a NaN in a mask censors, never passes
     return torch.where(m > 0, torch.lerp(x, censored, m.to(x.dtype)), x)
 
 
