@@ -8,9 +8,10 @@ device; strengths are fractions of the image size, so a 2048 px image is hidden 
 Alpha is censored too, so that a cutout does not keep its silhouette: blur and pixelate treat it
 like a colour channel, and black and placeholder make the image opaque.
 
-Memory: uint8 input is read in float once (for blur and pixelate), so a call holds its input,
-its output and one float copy of the input; callers bound the size of ``x``
-(``SafetyFilter`` censors one image, or a few MB of small ones, at a time).
+Memory: besides its input and output (in the input's dtype), a call holds at most one
+full-size float copy at a time (blur and pixelate read uint8 input in float once; the result is
+made, or converted back, in place); callers bound the size of ``x`` (``SafetyFilter`` censors
+one large image, or up to 64 MB of float pixels of small ones, at a time).
 """
 
 from __future__ import annotations

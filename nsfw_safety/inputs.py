@@ -355,6 +355,9 @@ def open_image(source: str | os.PathLike | IO[bytes], max_pixels: int | None = N
                 what = "pages" if im.format == "TIFF" else "frames"
                 raise MultiFrameImage(f"{name} is a {im.format} file with {frames} {what}{hidden}; only "
                                       f"single images are checked until video support lands")
+            if _deep_rgb_key(im):
+                raise ValueError(f"{name} is a 16-bit RGB PNG with a transparent colour (tRNS): decoded in 8 "
+                                 f"bits, that colour cannot be told apart, so it cannot be checked as shown")
             im.seek(0)
             im.load()
             int_range = _int_range(im)  # from the TIFF header, which the transposed copy does not keep
@@ -371,6 +374,16 @@ def open_image(source: str | os.PathLike | IO[bytes], max_pixels: int | None = N
         raise
     except Exception as e:  # decoders raise OSError, EOFError, struct.error, ... on hostile bytes
         raise ValueError(f"{name} is not a readable image ({type(e).__name__}: {e})") from e
+
+
+def _deep_rgb_key(im: Image.Image) -> bool:
+    """A 16-bit RGB image with a transparent colour key (PNG ``tRNS``): Pillow decodes it to 8
+    bits and compares the 16-bit key with 8-bit pixels, so its transparency is lost. Known from
+    the key itself, or (before loading) from the decoder's raw mode."""
+    key = im.info.get("transparency")
+    if im.mode != "RGB" or not isinstance(key, tuple):
+        return False
+    return any(v > 255 for v in key) or any(str(t.args).startswith("RGB;16") for t in getattr(im, "tile", []))
 
 
 def _frames(im: Image.Image) -> int:
@@ -455,17 +468,22 @@ def pil_to_tensor(im: Image.Image) -> tuple[torch.Tensor, bool]:
     by tile); transparency (an alpha channel, a palette or ``tRNS`` transparency) becomes an
     alpha channel, dropped when it is opaque everywhere; 16-bit and 32-bit gray are scaled to
     8 bits (``round(v * 255 / 65535)``, the range of ``I`` read as :func:`open_image` says);
-    ``F`` is read as floats in [0, 1].
+    ``F`` is read as floats in [0, 1]. A 16-bit gray ``tRNS`` value is transparent where the
+    16-bit pixel equals it.
 
     Returns:
         (C, H, W) on the CPU: uint8 in [0, 255], or float32 in [0, 1] for mode ``F`` (clamped;
         NaN kept); C = 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA, straight alpha). And
         whether every value is finite.
     Raises:
-        ValueError: the image has zero size.
+        ValueError: the image has zero size, or is a 16-bit RGB image with a transparent colour
+            key, whose transparency 8-bit decoding has lost.
     """
     if im.width == 0 or im.height == 0:
         raise ValueError(f"PIL image has zero size {im.size}")
+    if _deep_rgb_key(im):
+        raise ValueError(f"PIL image has a 16-bit transparent colour {im.info['transparency']} but 8-bit "
+                         f"pixels: what is transparent cannot be told, so it cannot be checked as shown")
     mode = _read_mode(im)
     if mode == "F":
         a = _read(im, "F", lambda raw: raw, np.float32, 1)
@@ -474,11 +492,17 @@ def pil_to_tensor(im: Image.Image) -> tuple[torch.Tensor, bool]:
         return x.clamp_(0.0, 1.0), finite
     if mode in _DEEP:
         int_range = _int_range(im) or _RANGE_16
-        a = _read(im, mode, lambda raw: _scaled(raw, int_range, 255, np.uint8), np.uint8, 1)
+        key = im.info.get("transparency")  # a 16-bit PNG's tRNS gray: that exact value is transparent
+        if isinstance(key, int):
+            a = _read(im, mode, lambda raw: np.concatenate(
+                [_scaled(raw, int_range, 255, np.uint8), np.where(raw == key, 0, 255).astype(np.uint8)], -1),
+                np.uint8, 2)
+        else:
+            a = _read(im, mode, lambda raw: _scaled(raw, int_range, 255, np.uint8), np.uint8, 1)
     else:
         a = _read(im, mode, lambda raw: raw, np.uint8, _RAW[mode][1])
-        if mode in ("LA", "RGBA") and a[..., -1].min() == 255:  # opaque: one view, not two
-            a = a[..., :-1]
+    if a.shape[-1] in (2, 4) and a[..., -1].min() == 255:  # opaque: one view, not two
+        a = a[..., :-1]
     return torch.from_numpy(a).permute(2, 0, 1), True
 
 

@@ -52,8 +52,9 @@ def picture(i: int) -> Image.Image:
     return Image.blend(synthetic(i, (H, W)), Image.new("RGB", (W, H), (128, 128, 128)), 0.4)
 
 
-def write_png16(path, a: np.ndarray) -> None:
-    """A 16-bit PNG (gray (H, W) or RGB (H, W, 3) uint16), written by hand: Pillow cannot."""
+def write_png16(path, a: np.ndarray, key: tuple[int, ...] | None = None) -> None:
+    """A 16-bit PNG (gray (H, W) or RGB (H, W, 3) uint16), written by hand: Pillow cannot. ``key``:
+    a tRNS chunk, the gray value or RGB colour that is transparent."""
     h, w = a.shape[:2]
     color = 0 if a.ndim == 2 else 2
     raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in a)
@@ -61,8 +62,9 @@ def write_png16(path, a: np.ndarray) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
+    trns = chunk(b"tRNS", struct.pack(f">{len(key)}H", *key)) if key is not None else b""
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+                     + trns + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 def write_tiff(path, a: np.ndarray, sample_format: int = 1) -> None:
@@ -248,6 +250,26 @@ def test_every_alpha_mode_keeps_the_stricter_composite(det):
                     levels(det, [composite_over(i, "black") for i in images]))
     assert (got - want).abs().max() <= BOUND, (got - want).abs().amax(1)
     assert (got - levels(det, [i.convert("RGBA").convert("RGB") for i in images])).abs().max() > BOUND  # alpha matters
+
+
+def test_a_16_bit_transparent_gray_is_applied_and_a_16_bit_rgb_key_is_refused(det, tmp_path):
+    """A picture drawn only by which pixels are transparent: 16-bit values 1000 (the tRNS key)
+    and 1001, the same gray in 8 bits. Over a white page it shows the picture."""
+    g = np.asarray(picture(5).convert("L"))
+    raw = np.where(g > 128, 1000, 1001).astype(np.uint16)
+    write_png16(tmp_path / "key.png", raw, key=(1000,))
+    x, _ = pil_to_tensor(open_image(tmp_path / "key.png"))
+    assert x.shape == (2, H, W) and np.array_equal(x[1].numpy(), np.where(g > 128, 0, 255))
+    dark = round(1001 * 255 / 65535)
+    over_white = Image.fromarray(np.where(g > 128, 255, dark).astype(np.uint8))
+    want = stricter(levels(det, over_white), levels(det, Image.new("L", (W, H), dark)))
+    torch.testing.assert_close(levels(det, tmp_path / "key.png"), want, atol=1e-5, rtol=0)
+    assert (want - levels(det, Image.new("L", (W, H), dark))).abs().max() > 0.1  # the key matters
+    write_png16(tmp_path / "rgbkey.png", np.stack([raw] * 3, -1), key=(1000, 1000, 1000))
+    with pytest.raises(ValueError, match="16-bit RGB PNG with a transparent colour"):
+        open_image(tmp_path / "rgbkey.png")
+    with pytest.raises(ValueError, match="transparent colour"):
+        det.predict(Image.open(tmp_path / "rgbkey.png"))
 
 
 def test_opaque_images_are_scored_once_and_transparent_ones_twice_in_one_batch(det, monkeypatch):
