@@ -1,8 +1,17 @@
 """Censoring kernels on batched tensors, on their own device.
 
-Every function takes ``x: (N, 3, H, W) float in [0, 1]`` and returns a new tensor of the same
-shape, dtype and device; strengths are fractions of the image size, so a 2048 px image is
-hidden as well as a 512 px one.
+Every function takes ``x: (N, C, H, W)``, uint8 in [0, 255] or float in [0, 1], with C = 3
+(RGB) or 4 (RGBA, straight alpha), and returns a new tensor of the same shape, dtype and
+device; strengths are fractions of the image size, so a 2048 px image is hidden as well as a
+512 px one.
+
+Alpha is censored too, so that a cutout does not keep its silhouette: blur and pixelate treat it
+like a colour channel, and black and placeholder make the image opaque.
+
+Memory: besides its input and output (in the input's dtype), a call holds at most one
+full-size float copy at a time (blur and pixelate read uint8 input in float once; the result is
+made, or converted back, in place); callers bound the size of ``x`` (``SafetyFilter`` censors
+one large image, or up to 64 MB of float pixels of small ones, at a time).
 """
 
 from __future__ import annotations
@@ -28,27 +37,39 @@ def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
     return (k / k.sum()).to(dtype)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """float in [0, 1] -> ``x``'s dtype and range (``y`` may be overwritten)."""
+    if x.dtype == torch.uint8:
+        return y.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return y.clamp_(0, 1).to(x.dtype)
+
+
 def blur(x: torch.Tensor, strength: float = DEFAULT_BLUR) -> torch.Tensor:
-    """Gaussian blur with sigma = ``strength * max(H, W)``.
+    """Gaussian blur with sigma = ``strength * max(H, W)``, alpha included.
 
     Large sigmas are applied at a reduced resolution (downscale so the sigma is ~4 px,
     blur, upscale bilinearly): the same look at a small fraction of the cost.
 
     Args:
-        x: (N, 3, H, W) float in [0, 1].
+        x: (N, C, H, W) uint8 in [0, 255] or float in [0, 1].
         strength: sigma as a fraction of the longer side, > 0.
     Returns:
-        (N, 3, H, W), same dtype and device.
+        (N, C, H, W), same dtype and device.
     """
     if strength <= 0:
         raise ValueError(f"blur strength must be > 0, got {strength}")
     H, W = x.shape[-2:]
     sigma = strength * max(H, W)
     factor = max(1, int(sigma // 4))
-    y = x.float()
-    if factor > 1:
-        y = F.interpolate(y, size=(max(1, H // factor), max(1, W // factor)), mode="area")
+    if factor > 1:  # the float copy of the input lives only for the downscale
+        y = F.interpolate(_unit(x), size=(max(1, H // factor), max(1, W // factor)), mode="area")
         sigma /= factor
+    else:
+        y = _unit(x)
     k = _gaussian_kernel(sigma, y.device, y.dtype)
     r = (len(k) - 1) // 2
     c = y.shape[1]
@@ -58,29 +79,39 @@ def blur(x: torch.Tensor, strength: float = DEFAULT_BLUR) -> torch.Tensor:
     y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
     if factor > 1:
         y = F.interpolate(y, size=(H, W), mode="bilinear", align_corners=False)
-    return y.clamp(0, 1).to(x.dtype)
+    return _like(y, x)
 
 
 def pixelate(x: torch.Tensor, block: float = DEFAULT_BLOCK) -> torch.Tensor:
-    """Mosaic of square blocks of side ``block * max(H, W)`` pixels (at least 2).
+    """Mosaic of square blocks of side ``block * max(H, W)`` pixels (at least 2), alpha included.
 
     Args:
-        x: (N, 3, H, W) float in [0, 1].
+        x: (N, C, H, W) uint8 in [0, 255] or float in [0, 1].
     Returns:
-        (N, 3, H, W): each block filled with its mean colour.
+        (N, C, H, W): each block filled with its mean colour, same dtype and device.
     """
     if not 0 < block <= 1:
         raise ValueError(f"pixelate block must be in (0, 1], got {block}")
     H, W = x.shape[-2:]
     side = max(2, round(block * max(H, W)))
-    small = F.adaptive_avg_pool2d(x.float(), (math.ceil(H / side), math.ceil(W / side)))
-    return F.interpolate(small, size=(H, W), mode="nearest").to(x.dtype)
+    small = F.adaptive_avg_pool2d(_unit(x), (math.ceil(H / side), math.ceil(W / side)))
+    # blocks are coloured in the output dtype: no full-size float
+    return F.interpolate(_like(small, x), size=(H, W), mode="nearest")
+
+
+def _opaque(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB in ``x``'s dtype -> ``x``'s channels: opaque alpha added for RGBA."""
+    if x.shape[1] == 3:
+        return y
+    return torch.cat([y, torch.full_like(y[:, :1], 255 if x.dtype == torch.uint8 else 1)], dim=1)
 
 
 def fill(x: torch.Tensor, color: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tensor:
-    """A solid fill of ``color`` (three floats in [0, 1])."""
-    c = check_color(color)
-    return torch.tensor(c, device=x.device, dtype=x.dtype).view(1, 3, 1, 1).expand_as(x).clone()
+    """A solid fill of ``color`` (three floats in [0, 1]); opaque."""
+    c = torch.tensor(check_color(color), device=x.device)
+    c = (c * 255).round().to(torch.uint8) if x.dtype == torch.uint8 else c.to(x.dtype)
+    n, _, H, W = x.shape
+    return _opaque(c.view(1, 3, 1, 1).expand(n, 3, H, W).clone(), x)
 
 
 def check_color(color: Sequence[float]) -> tuple[float, float, float]:
@@ -95,21 +126,21 @@ def check_color(color: Sequence[float]) -> tuple[float, float, float]:
 
 def place(x: torch.Tensor, card: torch.Tensor) -> torch.Tensor:
     """Replace each image by ``card`` resized to fit inside it (aspect kept), on a background of
-    the card's top-left colour.
+    the card's top-left colour; opaque.
 
     Args:
-        x: (N, 3, H, W) float in [0, 1]; only its shape, dtype and device are used.
+        x: (N, C, H, W) uint8 or float; only its shape, dtype and device are used.
         card: (3, h, w) float in [0, 1].
     """
     H, W = x.shape[-2:]
     card = card.to(x.device, torch.float32)
     scale = min(H / card.shape[1], W / card.shape[2])
     h, w = max(1, round(card.shape[1] * scale)), max(1, round(card.shape[2] * scale))
-    small = F.interpolate(card[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-    out = card[:, :1, :1].view(1, 3, 1, 1).expand(1, 3, H, W).clone()
+    small = _like(F.interpolate(card[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False), x)
+    out = _like(card[:, :1, :1].clone()[None], x).expand(1, 3, H, W).clone()
     top, left = (H - h) // 2, (W - w) // 2
-    out[:, :, top : top + h, left : left + w] = small.clamp(0, 1)
-    return out.expand(x.shape[0], -1, -1, -1).to(x.dtype).clone()
+    out[:, :, top : top + h, left : left + w] = small
+    return _opaque(out.expand(x.shape[0], -1, -1, -1).clone(), x)
 
 
 @functools.lru_cache(maxsize=1)
@@ -136,7 +167,7 @@ def censor(x: torch.Tensor, action: str, *, blur_strength: float = DEFAULT_BLUR,
     """Apply ``action`` to every image of ``x``.
 
     Args:
-        x: (N, 3, H, W) float in [0, 1].
+        x: (N, C, H, W) uint8 in [0, 255] or float in [0, 1], C = 3 (RGB) or 4 (RGBA).
         action: one of ``ACTIONS``; ``"none"`` returns ``x`` itself.
         placeholder: (3, h, w) float in [0, 1] for ``"placeholder"``; default: the built-in card.
     """

@@ -46,12 +46,18 @@ class Scores:
             at any level and threshold.
         labels: the C class names.
         status: (B,) int8, 0 = valid, 1 = non-finite input, 2 = non-finite model output.
+        composite: (B, 4) int8 or None (no image had alpha): for an image with transparency,
+            which composite gave each level score, ``inputs.OVER_WHITE`` (1) or
+            ``inputs.OVER_BLACK`` (2); 0 for opaque images. Such an image is scored over white
+            and over black, and keeps the stricter score of each level (the larger NSFW level,
+            the smaller neutral); its ``probs`` are the distribution those levels imply.
     """
 
     probs: torch.Tensor
     levels: torch.Tensor
     labels: tuple[str, ...]
     status: torch.Tensor
+    composite: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.levels)
@@ -60,7 +66,8 @@ class Scores:
         """The scores of some of the images, as a :class:`Scores` (an int gives a batch of one)."""
         if isinstance(index, int):
             index = [index]
-        return Scores(self.probs[index], self.levels[index], self.labels, self.status[index])
+        composite = self.composite[index] if self.composite is not None else None
+        return Scores(self.probs[index], self.levels[index], self.labels, self.status[index], composite)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -82,8 +89,12 @@ class Scores:
 
     @staticmethod
     def cat(parts: list[Scores]) -> Scores:
+        composite = None
+        if any(p.composite is not None for p in parts):
+            composite = torch.cat([p.composite if p.composite is not None else
+                                   torch.zeros(len(p), 4, dtype=torch.int8, device=p.levels.device) for p in parts])
         return Scores(torch.cat([p.probs for p in parts]), torch.cat([p.levels for p in parts]),
-                      parts[0].labels, torch.cat([p.status for p in parts]))
+                      parts[0].labels, torch.cat([p.status for p in parts]), composite)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -152,7 +163,8 @@ class Detector:
 
         Args:
             images: tensors ``(B, C, H, W)``/``(B, H, W, C)``/single, numpy arrays, PIL images,
-                paths, or lists of these (see ``nsfw_safety.inputs``).
+                paths, or lists of these (see ``nsfw_safety.inputs``). Images with alpha are
+                scored over white and over black, keeping the stricter levels (see :meth:`score`).
             value_range: range of float input, ``(0, 1)`` by default; ``(-1, 1)`` for VAE output.
             layout: ``"BCHW"``, ``"BHWC"``, ``"CHW"``, ``"HWC"`` or ``"HW"`` when the shape is ambiguous.
         Returns:
@@ -171,52 +183,117 @@ class Detector:
     def score(self, pixels: torch.Tensor | list[torch.Tensor], finite: torch.Tensor | None = None) -> Scores:
         """Score prepared pixels.
 
+        Images with alpha are scored as a viewer could see them, composited over white and over
+        black (``inputs.views``), both views in the same forward batch; each keeps the stricter
+        level scores of its two views (``Scores.composite`` says which). Opaque images have one
+        view, and cost nothing more.
+
         Args:
-            pixels: (B, 3, H, W) float in [0, 1] (or a list of (3, H_i, W_i)), ideally on ``self.device``.
+            pixels: (B, C, H, W) uint8 in [0, 255] or float in [0, 1], or a list of
+                (C, H_i, W_i), ideally on ``self.device``; C = 1 (gray), 2 (gray + alpha),
+                3 (RGB) or 4 (RGBA), as ``inputs.Prepared.pixels``.
             finite: (B,) bool, False where the input held NaN/Inf; computed when None.
         """
         if len(pixels) == 0:
             raise ValueError("no images to score")
+        if isinstance(pixels, torch.Tensor):
+            n_views = [2 if _inputs.has_alpha(pixels) else 1] * len(pixels)
+        else:
+            n_views = [2 if _inputs.has_alpha(p) else 1 for p in pixels]
         with self._lock:
             device, dtype = self.device, self.dtype
-            parts, start, chunk = [], 0, min(self.max_batch_size, len(pixels))
-            while start < len(pixels):
-                batch = pixels[start : start + chunk]
+            parts, start, budget = [], 0, min(self.max_batch_size, sum(n_views))
+            while start < len(pixels):  # chunks of at most `budget` views (at least one image)
+                stop, used = start + 1, n_views[start]
+                while stop < len(pixels) and used + n_views[stop] <= budget:
+                    used += n_views[stop]
+                    stop += 1
                 try:
-                    parts.append(self._score_chunk(batch, device, dtype))
+                    parts.append(self._score_chunk(pixels[start:stop], device, dtype))
                 except torch.cuda.OutOfMemoryError:
-                    if chunk == 1:
+                    if stop - start == 1:
                         raise
-                    chunk //= 2
-                    log.warning("CUDA out of memory; retrying with batches of %d", chunk)
+                    budget = max(1, used // 2)
+                    log.warning("CUDA out of memory; retrying with batches of %d", budget)
                     torch.cuda.empty_cache()
                     continue
-                start += len(batch)
+                start = stop
         scores = Scores.cat(parts) if len(parts) > 1 else parts[0]
         if finite is None:
             return scores
         bad_input = ~finite.to(scores.status.device)
         status = torch.where(bad_input, NONFINITE_INPUT, scores.status).to(torch.int8)
         levels = torch.where(bad_input[:, None], self._on(scores.levels.device)[1], scores.levels)
-        return Scores(scores.probs, levels, scores.labels, status)
+        return Scores(scores.probs, levels, scores.labels, status, scores.composite)
 
     def _score_chunk(self, batch, device, dtype) -> Scores:
         if isinstance(batch, list):
             batch = [p.to(device, non_blocking=True) for p in batch]
         else:
             batch = batch.to(device, non_blocking=True)
-        x = preprocess(batch, self.preprocess_config, dtype)
+        views, kinds = _inputs.views(batch)
+        x = preprocess(views, self.preprocess_config, dtype)
+        del views
         logits = self._forward(x).float()
         probs = logits.softmax(dim=-1)
         valid = torch.isfinite(probs).all(dim=-1)
-        matrix, blocked = self._on(probs.device)
+        matrix, blocked, _ = self._on(probs.device)
         levels = probs @ matrix
         status = torch.where(valid, OK, NONFINITE_OUTPUT).to(torch.int8)
-        return Scores(probs, torch.where(valid[:, None], levels, blocked), self.labels, status)
+        return self._per_image(Scores(probs, torch.where(valid[:, None], levels, blocked), self.labels, status),
+                               kinds)
 
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The level matrix (C, 4) and the fail-closed level row (4,) on ``device``, made once per device."""
-        return on_device(("levels", self.labels), lambda: (self._level_matrix, BLOCKED), device)
+    def _per_image(self, s: Scores, kinds: list[int]) -> Scores:
+        """Scores of views (in image order, as ``inputs.views`` gives them) -> scores of images.
+
+        An image with two views keeps, per level, the stricter score: the larger NSFW level, the
+        smaller neutral (so neutral = 1 - low still holds), and the worse status. Done on the
+        device without a host sync: a reshape when every image has two views, else a
+        ``scatter_reduce`` over an index copied from pinned memory.
+        """
+        if _inputs.OVER_WHITE not in kinds:
+            return s
+        device = s.levels.device
+        signed = torch.cat([-s.levels[:, :1], s.levels[:, 1:]], dim=1)  # larger is stricter everywhere
+        if _inputs.OPAQUE not in kinds:  # two views per image, side by side
+            best, which = signed.view(-1, 2, 4).max(dim=1)
+            composite = (which + 1).to(torch.int8)
+            status = s.status.view(-1, 2).amax(dim=1)
+            single = None
+        else:
+            first: list[int] = []  # each image's first view
+            owner = []
+            for j, kind in enumerate(kinds):
+                if kind != _inputs.OVER_BLACK:
+                    first.append(j)
+                owner.append(len(first) - 1)
+            v, n = len(kinds), len(first)
+            index = _pinned_index(owner + kinds + first, device)
+            own, kind, first_t = index[:v], index[v : 2 * v], index[2 * v :]
+            rows = own[:, None].expand(-1, 4)
+            best = signed.new_empty(n, 4).scatter_reduce_(0, rows, signed, "amax", include_self=False)
+            hit = (signed == best[own]).to(torch.int8) * kind[:, None].to(torch.int8)
+            composite = torch.zeros(n, 4, dtype=torch.int8, device=device).scatter_reduce_(0, rows, hit, "amax")
+            status = s.status.new_empty(n).scatter_reduce_(0, own, s.status, "amax", include_self=False)
+            single = (kind[first_t] == _inputs.OPAQUE, s.probs[first_t])
+        levels = torch.cat([-best[:, :1], best[:, 1:]], dim=1)
+        # the class distribution the kept levels imply, so that levels == probs @ level matrix
+        probs = torch.where((status == OK)[:, None], levels @ self._on(device)[2], torch.nan)
+        if single is not None:  # opaque images keep the model's own probabilities
+            probs = torch.where(single[0][:, None], single[1], probs)
+        return Scores(probs, levels, s.labels, status, composite)
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The level matrix (C, 4), the fail-closed level row (4,) and the matrix that turns level
+        scores back into class probabilities (4, C), on ``device``, made once per device."""
+        return on_device(("levels", self.labels),
+                         lambda: (self._level_matrix, BLOCKED, torch.linalg.pinv(self._level_matrix)), device)
+
+
+def _pinned_index(values: list[int], device: torch.device) -> torch.Tensor:
+    """A long tensor on ``device`` from host ints; to a GPU through pinned memory, without a sync."""
+    t = torch.tensor(values, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -80,9 +80,10 @@ class SafetyFilter:
         self.action = action
         self.on_error = on_error
         self.options = dict(blur_strength=blur_strength, block=block, color=check_color(color))
-        if placeholder is not None:
+        if placeholder is not None:  # as a viewer sees it: a transparent card over white
             card = _inputs.prepare(placeholder).pixels
-            self.options["placeholder"] = (card if isinstance(card, torch.Tensor) else torch.stack(card))[0]
+            card = _inputs.views(card if isinstance(card, torch.Tensor) else [card[0]])[0][0]
+            self.options["placeholder"] = _inputs.unit(card)
         censor(torch.zeros(1, 3, 8, 8), action, **self.options)  # bad strengths fail now, not mid-run
 
     def __repr__(self) -> str:
@@ -106,6 +107,8 @@ class SafetyFilter:
             TypeError, ValueError: the input itself is bad (nothing is returned unchecked), or
                 ``scores`` does not have one row per image.
         """
+        if censored_range is not None:
+            _inputs.check_range(censored_range)
         prepared = _inputs.prepare(images, value_range=value_range, layout=layout, device=self.detector.device)
         n = len(prepared)
         if scores is not None and len(scores) != n:
@@ -115,7 +118,7 @@ class SafetyFilter:
                 scores = self.detector.score(prepared.pixels, prepared.finite)
             flagged = self.policy.flag(scores.levels, scores.valid).tolist()  # the one host sync
             problems = scores.problems()
-            reasons = self.policy.reasons(scores.levels, flagged, problems)
+            reasons = self.policy.reasons(scores.levels, flagged, problems, scores.composite)
             actions = [("black" if p else self.action) if f else "none" for f, p in zip(flagged, problems)]
         except Exception as e:
             if self.on_error == "raise":
@@ -127,15 +130,47 @@ class SafetyFilter:
         return FilterResult(out, flagged, scores, reasons, actions)
 
     def _censor(self, prepared: _inputs.Prepared, actions: list[str], censored_range) -> Any:
-        """Censor only the images whose action is not "none", one batched call per action."""
+        """Censor only the images whose action is not "none": batched per action, in chunks of
+        at most ``CENSOR_CHUNK_BYTES`` of float pixels (at least one image), so that censoring
+        holds at most one large image in float at a time. Censored images are kept in the
+        pixels' own dtype (uint8 for 8-bit input) until they are restored."""
         done: dict[int, torch.Tensor] = {}
         for action in set(actions) - {"none"}:
             index = [i for i, a in enumerate(actions) if a == action]
-            pixels = prepared.select(index)
-            if isinstance(pixels, torch.Tensor):
-                result = list(censor(pixels, action, **self.options))
-            else:  # mixed sizes: one call per image
-                result = [censor(p[None], action, **self.options)[0] for p in pixels]
-            done.update(zip(index, result))
+            for chunk in _chunks(prepared, index):
+                pixels = prepared.select(chunk)
+                if isinstance(pixels, torch.Tensor):
+                    result = list(censor(_rgba(pixels), action, **self.options))
+                else:  # mixed sizes: one call per image
+                    result = [censor(_rgba(p[None]), action, **self.options)[0] for p in pixels]
+                done.update(zip(chunk, result))
         index = sorted(done)
         return prepared.restore(index, [done[i] for i in index], censored_range)
+
+
+#: Censoring works on at most this many bytes of float pixels at once (or one larger image).
+CENSOR_CHUNK_BYTES = 64 << 20
+
+
+def _chunks(prepared: _inputs.Prepared, index: list[int]) -> list[list[int]]:
+    """``index`` in runs whose float32 pixels take at most ``CENSOR_CHUNK_BYTES`` (or one image)."""
+    pixels = prepared.pixels
+    sizes = [4 * (pixels[0].numel() if isinstance(pixels, torch.Tensor) else pixels[i].numel()) for i in index]
+    out: list[list[int]] = []
+    total = 0
+    for i, size in zip(index, sizes):
+        if not out or total + size > CENSOR_CHUNK_BYTES:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += size
+    return out
+
+
+def _rgba(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) with C in {1, 2, 3, 4} -> RGB (C = 1, 3) or RGBA (C = 2, 4)."""
+    if x.shape[1] == 1:
+        return x.expand(-1, 3, -1, -1)
+    if x.shape[1] == 2:
+        return torch.cat([x[:, :1].expand(-1, 3, -1, -1), x[:, 1:]], dim=1)
+    return x

@@ -1,23 +1,33 @@
-"""Any image input -> one device batch in [0, 1], plus the record that gives it back.
+"""Any image input -> one device batch as a viewer sees it, plus the record that gives it back.
 
 Accepted inputs:
 
 * torch tensors, on any device: ``(B, C, H, W)``, ``(B, H, W, C)``, ``(C, H, W)``, ``(H, W, C)`` or
   ``(H, W)``; float (value range given by ``value_range``, default ``(0, 1)``; pass ``(-1, 1)``
-  for a VAE's output) or uint8 (0..255); C = 1 (gray, becomes RGB), 3, or 4 (alpha dropped).
+  for a VAE's output) or uint8 (0..255); C = 1 (gray), 3 (RGB) or 4 (RGBA, straight alpha).
 * numpy arrays, the same shapes and dtypes.
-* PIL images, file paths, and lists of any of these; sizes may differ.
+* PIL images in any mode, file paths (single-frame files only), and lists of any of these;
+  sizes may differ.
 
 The layout of an array is read from its shape; where both readings are possible (e.g. a
 (3, 4, 4) array) it is an error that asks for ``layout=``. The float value range is never
 guessed from the data.
+
+What is scored is what a viewer sees:
+
+* **Bit depth is scaled, not clipped.** 16-bit gray (``I;16*``, and ``I``, Pillow's mode for
+  16-bit data) is mapped to 8 bits by ``round(v * 255 / 65535)``; 32-bit and signed TIFFs by
+  their own range; float (``F``) images are read as [0, 1]. 8-bit data stays uint8.
+* **Transparency:** an image with alpha has two views, composited over white and over black
+  (:func:`views`); the detector keeps the stricter levels of the two. Opaque images have one.
+* **Frames:** a file with more than one frame or page is refused (:class:`MultiFrameImage`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
 import numpy as np
@@ -28,16 +38,23 @@ ValueRange = tuple[float, float]
 LAYOUTS = ("BCHW", "BHWC", "CHW", "HWC", "HW")
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LUMA = (0.299, 0.587, 0.114)
+#: The kinds of view of an image (see :func:`views`), and how reasons name the composites.
+OPAQUE, OVER_WHITE, OVER_BLACK = 0, 1, 2
+VIEW_NAMES = {OVER_WHITE: "over white", OVER_BLACK: "over black"}
+#: Pixels per tile when a whole image would make a large temporary (decoding, compositing).
+_TILE = 1 << 20
+#: Same-size images of a list are stacked into one batch up to this many bytes.
+_STACK_BYTES = 64 << 20
 
 
 def check_range(value_range: Any) -> ValueRange:
-    """Validate a float value range such as ``(0, 1)`` or ``(-1, 1)``."""
+    """Validate a float value range such as ``(0, 1)`` or ``(-1, 1)``: finite, low < high."""
     try:
         lo, hi = (float(v) for v in value_range)
     except (TypeError, ValueError):
         raise TypeError(f"value_range must be a pair (low, high), got {value_range!r}") from None
-    if not lo < hi:
-        raise ValueError(f"value_range must have low < high, got {value_range!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"value_range must be finite with low < high, got {value_range!r}")
     return lo, hi
 
 
@@ -46,8 +63,10 @@ class Prepared:
     """Images as one batch for the model, and how to return censored ones to the caller.
 
     Attributes:
-        pixels: (B, 3, H, W) float in [0, 1] on the device, or a list of (3, H_i, W_i) when
-            sizes differ. Non-finite input values are kept (the detector reports them).
+        pixels: (B, C, H, W) uint8 in [0, 255] or float in [0, 1] on the device, or a list of
+            (C_i, H_i, W_i) when sizes, channels or dtypes differ (or a list is large). C = 1 (gray), 2 (gray +
+            alpha), 3 (RGB) or 4 (RGBA); alpha is straight (not premultiplied). Non-finite
+            input values are kept (the detector reports them).
         finite: (B,) bool, False where the input holds NaN or Inf.
     """
 
@@ -59,7 +78,7 @@ class Prepared:
         return len(self.pixels)
 
     def select(self, index: list[int]) -> torch.Tensor | list[torch.Tensor]:
-        """The pixels of images ``index``: (N, 3, H, W), or a list when sizes differ."""
+        """The pixels of images ``index``: (N, C, H, W), or a list when they differ."""
         if isinstance(self.pixels, torch.Tensor):
             return self.pixels[index]
         return [self.pixels[i] for i in index]
@@ -70,7 +89,9 @@ class Prepared:
 
         Args:
             index: which images to replace.
-            censored: (N, 3, H, W) float in [0, 1] (or a list of (3, H, W)), in ``index`` order.
+            censored: (N, 3 or 4, H, W) RGB or RGBA (or a list of (3 or 4, H, W)), in ``index``
+                order, uint8 in [0, 255] or float in [0, 1]. RGBA replaces the alpha channel of
+                an image that has one; RGB keeps it.
             censored_range: value range to write the censored images in (float input only);
                 default: the input's own range.
         Returns:
@@ -87,7 +108,8 @@ def prepare(images: Any, *, value_range: ValueRange = (0.0, 1.0), layout: str | 
 
     Raises:
         TypeError: an unsupported kind or dtype.
-        ValueError: a bad shape, an ambiguous layout, zero size, or a file that is not an image.
+        ValueError: a bad shape, an ambiguous layout, zero size, or a file that is not an image
+            (:class:`MultiFrameImage` for an animation or a multi-page file).
     """
     value_range = check_range(value_range)
     if layout is not None and layout not in LAYOUTS:
@@ -103,6 +125,80 @@ def prepare(images: Any, *, value_range: ValueRange = (0.0, 1.0), layout: str | 
         return _prepare_list(list(images), value_range, layout, device)
     raise TypeError(f"images must be a torch tensor, numpy array, PIL image, file path, or a list "
                     f"of these; got {type(images).__name__}")
+
+
+# --- what a viewer sees ------------------------------------------------------------------------
+
+def has_alpha(x: torch.Tensor) -> bool:
+    """Whether pixels (C, H, W) or (B, C, H, W) carry alpha (C = 2 or 4); read from the shape."""
+    return x.shape[-3] in (2, 4)
+
+
+def views(pixels: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor | list[torch.Tensor], list[int]]:
+    """What a viewer can see of each image: the RGB views to score.
+
+    An opaque image has one view, itself. An image with alpha has two: composited over white,
+    then over black (``round(c * a + 255 * (1 - a))`` and ``round(c * a)`` for uint8). The
+    composites are made in tiles, so the temporaries stay a few MB whatever the image size.
+
+    Args:
+        pixels: (B, C, H, W) or a list of (C, H, W), as :attr:`Prepared.pixels`.
+    Returns:
+        The views in image order: (V, 3, H, W), or a list of (3, H_i, W_i), in the pixels' dtype
+        (gray is expanded to RGB without a copy); and the kind of each view (``OPAQUE``,
+        ``OVER_WHITE``, ``OVER_BLACK``).
+    """
+    if isinstance(pixels, torch.Tensor):
+        if not has_alpha(pixels):
+            return _rgb(pixels), [OPAQUE] * len(pixels)
+        return _composite(pixels).flatten(0, 1), [OVER_WHITE, OVER_BLACK] * len(pixels)
+    out, kinds = [], []
+    for p in pixels:
+        v, k = views(p[None])
+        out.extend(v)
+        kinds.extend(k)
+    return out, kinds
+
+
+def _rgb(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) with C in {1, 3} -> (N, 3, H, W); gray is expanded without a copy."""
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def _composite(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) with alpha last (C = 2 or 4) -> (N, 2, 3, H, W): over white, over black."""
+    n, c, h, w = x.shape
+    out = torch.empty((n, 2, 3, h, w), dtype=x.dtype, device=x.device)
+    for rows, cols in _tiles(h, w, n):
+        tile = x[:, :, rows, cols].float()
+        color, alpha = tile[:, : c - 1], tile[:, c - 1 :]
+        if x.dtype == torch.uint8:
+            alpha = alpha / 255.0
+            black, white = color * alpha, color * alpha + 255.0 * (1.0 - alpha)
+            black, white = black.round_(), white.round_()
+        else:  # NaN stays NaN: the image is reported as non-finite input
+            black, white = color * alpha, color * alpha + (1.0 - alpha)
+        out[:, 0, :, rows, cols] = white  # gray (1 channel) broadcasts to RGB
+        out[:, 1, :, rows, cols] = black
+    return out
+
+
+def _tiles(h: int, w: int, n: int = 1):
+    """(rows, cols) slices covering an (h, w) image in tiles of about ``_TILE / n`` pixels."""
+    budget = max(1, _TILE // n)
+    if w <= budget:
+        step = max(1, budget // w)
+        for r in range(0, h, step):
+            yield slice(r, min(h, r + step)), slice(0, w)
+    else:  # a very wide image: split each row too
+        for r in range(h):
+            for c in range(0, w, budget):
+                yield slice(r, r + 1), slice(c, min(w, c + budget))
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 in [0, 255] or float in [0, 1] -> float32 in [0, 1]."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
 # --- arrays (torch and numpy) -------------------------------------------------------------
@@ -136,9 +232,7 @@ def _infer_layout(shape: tuple[int, ...], layout: str | None, name: str) -> str:
 
 
 def _to_unit(x: torch.Tensor, value_range: ValueRange) -> torch.Tensor:
-    """Integer or float pixels -> float in [0, 1] (clamped; NaN stays NaN)."""
-    if x.dtype == torch.uint8:
-        return x.float() / 255.0
+    """Float pixels in ``value_range`` -> float in [0, 1] (clamped; NaN stays NaN)."""
     if x.dtype == torch.float64:
         x = x.float()
     lo, hi = value_range
@@ -147,29 +241,27 @@ def _to_unit(x: torch.Tensor, value_range: ValueRange) -> torch.Tensor:
     return x.clamp(0.0, 1.0)
 
 
-def _to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) with C in {1, 3, 4} -> (B, 3, H, W)."""
-    c = x.shape[1]
-    return x.expand(-1, 3, -1, -1) if c == 1 else x[:, :3]
-
-
 def _from_rgb(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> the channels of ``like`` (N, C, H, W): gray by luma, alpha kept."""
+    """(N, 3 or 4, H, W) RGB(A) -> the channels of ``like`` (N, C, H, W): gray by luma; alpha
+    from ``y`` when it has one, else kept from ``like``."""
     c = like.shape[1]
+    if y.dtype == torch.uint8 and c != 3:
+        y = unit(y)
     if c == 1:
         w = torch.tensor(_LUMA, device=y.device, dtype=y.dtype).view(1, 3, 1, 1)
-        return (y * w).sum(1, keepdim=True)
+        return (y[:, :3] * w).sum(1, keepdim=True)
     if c == 4:
-        return torch.cat([y, like[:, 3:].to(y.device, y.dtype)], dim=1)
+        alpha = y[:, 3:] if y.shape[1] == 4 else unit(like[:, 3:].to(y.device))
+        return torch.cat([y[:, :3], alpha], dim=1)
     return y
 
 
 def _encode(y: torch.Tensor, dtype: torch.dtype, value_range: ValueRange) -> torch.Tensor:
-    """[0, 1] floats -> the caller's dtype and value range."""
+    """uint8 in [0, 255] or float in [0, 1] -> the caller's dtype and value range."""
     if dtype == torch.uint8:
-        return (y * 255.0).round().clamp(0, 255).to(torch.uint8)
+        return y if y.dtype == torch.uint8 else (y * 255.0).round().clamp(0, 255).to(torch.uint8)
     lo, hi = value_range
-    return (y * (hi - lo) + lo).to(dtype)
+    return (unit(y) * (hi - lo) + lo).to(dtype)
 
 
 def _prepare_array(images, value_range, layout, device) -> Prepared:
@@ -197,10 +289,10 @@ def _prepare_array(images, value_range, layout, device) -> Prepared:
     raw = x
     # a non-blocking copy to the CPU lands in pinned memory that is read before the copy ends
     moved = raw.to(device, non_blocking=device.type != "cpu")
-    # checked before _to_unit, whose clamp turns +-Inf into 1 and 0
-    finite = torch.isfinite(moved).flatten(1).all(1) if moved.is_floating_point() else \
-        torch.ones(len(moved), dtype=torch.bool, device=device)
-    pixels = _to_rgb(_to_unit(moved, value_range))
+    if moved.dtype == torch.uint8:  # stays uint8: no float copy of the whole batch
+        finite, pixels = torch.ones(len(moved), dtype=torch.bool, device=device), moved
+    else:  # checked before _to_unit, whose clamp turns +-Inf into 1 and 0
+        finite, pixels = torch.isfinite(moved).flatten(1).all(1), _to_unit(moved, value_range)
 
     def restore(index, censored, censored_range):
         if not index:
@@ -209,7 +301,7 @@ def _prepare_array(images, value_range, layout, device) -> Prepared:
             censored = torch.stack(censored)
         rng = check_range(censored_range) if censored_range is not None else value_range
         idx = torch.tensor(index, device=raw.device)
-        y = _encode(_from_rgb(censored, raw[idx]), raw.dtype, rng).to(raw.device)
+        y = _encode(_from_rgb(censored.to(raw.device), raw[idx]), raw.dtype, rng)
         out = raw.clone()
         out[idx] = y
         if lay.endswith("HWC"):
@@ -220,7 +312,7 @@ def _prepare_array(images, value_range, layout, device) -> Prepared:
     return Prepared(pixels, finite, restore)
 
 
-# --- PIL images, paths, lists ----------------------------------------------------------------
+# --- files ------------------------------------------------------------------------------------
 
 class ImageTooLarge(ValueError):
     """An image over a pixel limit, or one that cannot be decoded safely (a decompression bomb)."""
@@ -233,7 +325,10 @@ class MultiFrameImage(ValueError):
 
 def open_image(source: str | os.PathLike | IO[bytes], max_pixels: int | None = None, *,
                formats: Sequence[str] | None = None, name: str | None = None) -> Image.Image:
-    """Open an image file or stream: first frame, EXIF orientation applied, fully decoded.
+    """Open a single-image file or stream: EXIF orientation applied, fully decoded.
+
+    The mode is kept (16-bit stays 16-bit), except that 32-bit and signed-integer TIFFs become
+    ``I;16``, scaled from the range their header declares.
 
     Args:
         source: a path, or a binary stream (an upload's bytes in ``io.BytesIO``).
@@ -243,6 +338,8 @@ def open_image(source: str | os.PathLike | IO[bytes], max_pixels: int | None = N
         formats: the PIL decoders to try (e.g. ``["PNG", "JPEG"]``); default: all.
         name: how errors name the image; default: the path.
     Raises:
+        MultiFrameImage: an animation (GIF, WebP, APNG, including an APNG whose default image
+            is not part of the animation) or a multi-page file (TIFF): never scored by one frame.
         ImageTooLarge: over ``max_pixels``, a decompression bomb, or out of memory.
         ValueError: missing, empty, truncated, or not an image.
     """
@@ -252,38 +349,183 @@ def open_image(source: str | os.PathLike | IO[bytes], max_pixels: int | None = N
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise ImageTooLarge(f"{name} is {im.width}x{im.height} = {im.width * im.height:,} pixels, "
                                     f"over the limit of {max_pixels:,} (possible decompression bomb)")
+            frames = _frames(im)
+            if frames > 1:
+                hidden = " (one a default image outside the animation)" if getattr(im, "default_image", False) else ""
+                what = "pages" if im.format == "TIFF" else "frames"
+                raise MultiFrameImage(f"{name} is a {im.format} file with {frames} {what}{hidden}; only "
+                                      f"single images are checked until video support lands")
+            if _deep_rgb_key(im):
+                raise ValueError(f"{name} is a 16-bit RGB PNG with a transparent colour (tRNS): decoded in 8 "
+                                 f"bits, that colour cannot be told apart, so it cannot be checked as shown")
             im.seek(0)
             im.load()
+            int_range = _int_range(im)  # from the TIFF header, which the transposed copy does not keep
             out = ImageOps.exif_transpose(im)
-            out.format = im.format  # the file's format, which the transposed copy does not carry
+            if int_range is not None and int_range != _RANGE_16:
+                out = _as_16bit(out, int_range)
+            out.format = im.format  # the file's format, which the copy does not carry
             return out
     except (Image.DecompressionBombError, MemoryError) as e:
         raise ImageTooLarge(f"{name} is too large to decode safely: {e}") from e
     except FileNotFoundError as e:
         raise ValueError(f"{name} does not exist") from e
-    except ImageTooLarge:
+    except (ImageTooLarge, MultiFrameImage):
         raise
     except Exception as e:  # decoders raise OSError, EOFError, struct.error, ... on hostile bytes
         raise ValueError(f"{name} is not a readable image ({type(e).__name__}: {e})") from e
 
 
-def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
-    """PIL image -> (3, H, W) float in [0, 1] on the CPU."""
+def _deep_rgb_key(im: Image.Image) -> bool:
+    """A 16-bit RGB image with a transparent colour key (PNG ``tRNS``): Pillow decodes it to 8
+    bits and compares the 16-bit key with 8-bit pixels, so its transparency is lost. Known from
+    the key itself, or (before loading) from the decoder's raw mode."""
+    key = im.info.get("transparency")
+    if im.mode != "RGB" or not isinstance(key, tuple):
+        return False
+    return any(v > 255 for v in key) or any(str(t.args).startswith("RGB;16") for t in getattr(im, "tile", []))
+
+
+def _frames(im: Image.Image) -> int:
+    """The frames or pages in the file. A JPEG's extra MPF pictures (previews, HDR gain maps,
+    the other half of a stereo pair) count as none: viewers show the primary image only."""
+    if im.format == "MPO" or not getattr(im, "is_animated", False):
+        return 1
+    return im.n_frames
+
+
+# --- PIL images ---------------------------------------------------------------------------------
+
+_RANGE_16 = (0, 65535)
+#: Mode -> (numpy dtype of its raw bytes, channels), for the modes that are read as they are.
+_RAW = {"L": (np.uint8, 1), "LA": (np.uint8, 2), "RGB": (np.uint8, 3), "RGBA": (np.uint8, 4),
+        "I;16": ("<u2", 1), "I;16L": ("<u2", 1), "I;16B": (">u2", 1), "I;16N": ("=u2", 1),
+        "I": ("=i4", 1), "F": ("=f4", 1)}
+_DEEP = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _int_range(im: Image.Image) -> tuple[int, int] | None:
+    """The value range of a mode ``I`` image: what its TIFF header declares (32-bit unsigned or
+    signed, 16-bit signed), else Pillow's convention for ``I`` (16-bit: PGM, old PNG)."""
+    if im.mode != "I":
+        return None
+    tags = getattr(im, "tag_v2", None)
+    bits, fmt = (tags.get(258, (16,)), tags.get(339, (1,))) if tags is not None else ((16,), (1,))
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    fmt = fmt[0] if isinstance(fmt, tuple) else fmt
+    if bits == 32:
+        return (-(2**31), 2**31 - 1) if fmt == 2 else (0, 2**32 - 1)
+    if bits == 16 and fmt == 2:
+        return (-(2**15), 2**15 - 1)
+    return _RANGE_16
+
+
+def _scaled(raw: np.ndarray, int_range: tuple[int, int], top: int, dtype) -> np.ndarray:
+    """Integer pixels in ``int_range`` -> ``round((v - low) * top / (high - low))``, clipped."""
+    lo, hi = int_range
+    v = raw.astype(np.int64)
+    if hi == 2**32 - 1:
+        v &= 0xFFFFFFFF  # Pillow reads unsigned 32-bit into int32
+    v = np.clip(v, lo, hi) - lo
+    return np.rint(v * (top / (hi - lo))).astype(dtype)
+
+
+def _as_16bit(im: Image.Image, int_range: tuple[int, int]) -> Image.Image:
+    """A mode ``I`` image whose range is not 16-bit -> ``I;16`` scaled to 0..65535."""
+    a = _read(im, "I", lambda raw: _scaled(raw, int_range, 65535, np.uint16), np.uint16, 1)
+    return Image.frombytes("I;16", im.size, a.astype("<u2").tobytes())
+
+
+def _read(im: Image.Image, mode: str, fn, dtype, channels: int) -> np.ndarray:
+    """``im`` read tile by tile in ``mode`` (converted by Pillow per tile), each tile's raw
+    array passed through ``fn``, into one writable (H, W, channels) array: no whole-image
+    temporary (``np.asarray(im)`` would make two, through ``tobytes``)."""
+    raw_dtype, c = _RAW[mode]
+    out = np.empty((im.height, im.width, channels), dtype)
+    for rows, cols in _tiles(im.height, im.width):
+        tile = im.crop((cols.start, rows.start, cols.stop, rows.stop))
+        if tile.mode != mode:
+            tile = tile.convert(mode)
+        raw = np.frombuffer(tile.tobytes(), raw_dtype).reshape(tile.height, tile.width, c)
+        out[rows, cols] = fn(raw)
+    return out
+
+
+def _read_mode(im: Image.Image) -> str:
+    """The 8-bit mode a viewer's conversion of ``im`` lands in (or a deep mode, read as is)."""
+    if im.mode in _DEEP:
+        return im.mode
+    gray = im.mode in ("1", "L", "LA", "La")
+    if im.has_transparency_data:
+        return "LA" if gray else "RGBA"
+    return "L" if gray else "RGB"
+
+
+def pil_to_tensor(im: Image.Image) -> tuple[torch.Tensor, bool]:
+    """A PIL image as a viewer sees it, in any mode.
+
+    Palette, CMYK, YCbCr, LAB, HSV, 1-bit and premultiplied modes are converted by Pillow (tile
+    by tile); transparency (an alpha channel, a palette or ``tRNS`` transparency) becomes an
+    alpha channel, dropped when it is opaque everywhere; 16-bit and 32-bit gray are scaled to
+    8 bits (``round(v * 255 / 65535)``, the range of ``I`` read as :func:`open_image` says);
+    ``F`` is read as floats in [0, 1]. A 16-bit gray ``tRNS`` value is transparent where the
+    16-bit pixel equals it.
+
+    Returns:
+        (C, H, W) on the CPU: uint8 in [0, 255], or float32 in [0, 1] for mode ``F`` (clamped;
+        NaN kept); C = 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA, straight alpha). And
+        whether every value is finite.
+    Raises:
+        ValueError: the image has zero size, or is a 16-bit RGB image with a transparent colour
+            key, whose transparency 8-bit decoding has lost.
+    """
     if im.width == 0 or im.height == 0:
         raise ValueError(f"PIL image has zero size {im.size}")
-    rgb = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
+    if _deep_rgb_key(im):
+        raise ValueError(f"PIL image has a 16-bit transparent colour {im.info['transparency']} but 8-bit "
+                         f"pixels: what is transparent cannot be told, so it cannot be checked as shown")
+    mode = _read_mode(im)
+    if mode == "F":
+        a = _read(im, "F", lambda raw: raw, np.float32, 1)
+        x = torch.from_numpy(a).permute(2, 0, 1)
+        finite = bool(torch.isfinite(x).all())
+        return x.clamp_(0.0, 1.0), finite
+    if mode in _DEEP:
+        int_range = _int_range(im) or _RANGE_16
+        key = im.info.get("transparency")  # a 16-bit PNG's tRNS gray: that exact value is transparent
+        if isinstance(key, int):
+            a = _read(im, mode, lambda raw: np.concatenate(
+                [_scaled(raw, int_range, 255, np.uint8), np.where(raw == key, 0, 255).astype(np.uint8)], -1),
+                np.uint8, 2)
+        else:
+            a = _read(im, mode, lambda raw: _scaled(raw, int_range, 255, np.uint8), np.uint8, 1)
+    else:
+        a = _read(im, mode, lambda raw: raw, np.uint8, _RAW[mode][1])
+    if a.shape[-1] in (2, 4) and a[..., -1].min() == 255:  # opaque: one view, not two
+        a = a[..., :-1]
+    return torch.from_numpy(a).permute(2, 0, 1), True
 
 
 def _tensor_to_pil(y: torch.Tensor, like: Image.Image) -> Image.Image:
-    """(3, H, W) float in [0, 1] -> a PIL image in ``like``'s mode (alpha kept)."""
-    rgb = (y.float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    out = Image.fromarray(rgb, "RGB")
-    if like.mode in ("RGBA", "LA"):
-        out = out.convert(like.mode)
-        out.putalpha(like.getchannel("A"))
-        return out
-    return out if like.mode == "RGB" else out.convert(like.mode if like.mode != "P" else "RGB")
+    """(3 or 4, H, W) RGB(A), uint8 in [0, 255] or float in [0, 1] -> a PIL image in ``like``'s
+    mode. RGBA sets the alpha channel; RGB keeps ``like``'s. Palette modes come back as RGB(A)
+    (a palette cannot hold a blur); 16-bit and float modes get the luma at their own scale."""
+    y = y.cpu()
+    if like.mode in _DEEP:
+        luma = (unit(y[:3]) * torch.tensor(_LUMA).view(3, 1, 1)).sum(0).clamp(0, 1).numpy()
+        if like.mode == "F":
+            return Image.frombytes("F", like.size, luma.astype("=f4").tobytes())
+        if like.mode == "I":
+            return Image.frombytes("I", like.size, np.rint(luma * 65535).astype("=i4").tobytes())
+        raw = _RAW[like.mode][0]
+        return Image.frombytes(like.mode, like.size, np.rint(luma * 65535).astype(raw).tobytes())
+    u8 = y if y.dtype == torch.uint8 else (y.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    out = Image.fromarray(u8.permute(1, 2, 0).contiguous().numpy())
+    if len(y) == 3 and like.has_transparency_data:  # alpha not censored: the original's
+        alpha = like.convert("RGBA" if like.mode not in ("LA", "La") else "LA").getchannel("A")
+        out.putalpha(alpha)
+    target = {"P": out.mode, "PA": "RGBA", "La": "LA"}.get(like.mode, like.mode)
+    return out if out.mode == target else out.convert(target)
 
 
 def _prepare_list(items: list, value_range, layout, device) -> Prepared:
@@ -294,8 +536,8 @@ def _prepare_list(items: list, value_range, layout, device) -> Prepared:
         if isinstance(item, (str, os.PathLike)):
             item = open_image(item)
         if isinstance(item, Image.Image):
-            parts.append(Prepared(_pil_to_tensor(item).to(device)[None],
-                                  torch.ones(1, dtype=torch.bool, device=device), None))
+            x, finite = pil_to_tensor(item)
+            parts.append(Prepared(x.to(device)[None], torch.full((1,), finite, device=device), None))
         elif isinstance(item, (torch.Tensor, np.ndarray)):
             if item.ndim == 4:
                 raise ValueError(f"images[{i}] is a batch (shape {tuple(item.shape)}): a list holds single images")
@@ -304,18 +546,22 @@ def _prepare_list(items: list, value_range, layout, device) -> Prepared:
             raise TypeError(f"images[{i}] is a {type(item).__name__}: expected a tensor, numpy array, "
                             f"PIL image or file path")
         originals.append(item)
-    sizes = {tuple(p.pixels.shape[-2:]) for p in parts}
     one = [p.pixels[0] for p in parts]
-    pixels = torch.stack(one) if len(sizes) == 1 else one
     finite = torch.cat([p.finite for p in parts])
+    # stacked when it is cheap; large images gain nothing from one batch, and a copy costs
+    same = len({(tuple(p.shape), p.dtype) for p in one}) == 1
+    pixels = torch.stack(one) if same and sum(p.nbytes for p in one) <= _STACK_BYTES else one
+    # only the restore of arrays is kept: the decoded pixels of PIL images live in ``pixels``
+    restorers = [None if isinstance(o, Image.Image) else p.restore for o, p in zip(originals, parts)]
+    del parts, one
 
     def restore(index, censored, censored_range):
         out = list(originals)
         for i, c in zip(index, censored):
-            if isinstance(originals[i], Image.Image):
+            if restorers[i] is None:
                 out[i] = _tensor_to_pil(c, originals[i])
             else:
-                out[i] = parts[i].restore([0], c[None], censored_range)
+                out[i] = restorers[i]([0], c[None], censored_range)
         return out
 
     return Prepared(pixels, finite, restore)

@@ -18,6 +18,8 @@ from typing import Mapping
 
 import torch
 
+from .inputs import VIEW_NAMES
+
 LEVELS: tuple[str, ...] = ("neutral", "low", "medium", "high")
 #: The levels a threshold can be set on ("neutral" is not an NSFW level).
 NSFW_LEVELS: tuple[str, ...] = LEVELS[1:]
@@ -117,25 +119,33 @@ class Policy:
             hit = hit | (levels[:, LEVELS.index(level)] >= t)
         return hit
 
-    def reasons(self, levels: torch.Tensor, flagged: list[bool], problems: list[str | None]) -> list[str]:
-        """One human-readable reason per image, e.g. ``"medium 0.83 >= 0.50"``.
+    def reasons(self, levels: torch.Tensor, flagged: list[bool], problems: list[str | None],
+                composite: torch.Tensor | None = None) -> list[str]:
+        """One human-readable reason per image, e.g. ``"medium 0.83 >= 0.50"``, or
+        ``"medium 0.83 >= 0.50 (over white)"`` when the score came from a transparent image
+        composited over white (``"... (over white and black)"`` when it passed both).
 
         Args:
             levels: (B, 4) level scores (read on the host).
             flagged: the decisions from :meth:`flag`.
             problems: per image, why its scores are invalid, or None.
+            composite: ``Scores.composite``: (B, 4) int, which composite gave each level score
+                (0: the image is opaque), or None.
         """
         rows = levels.detach().float().cpu().tolist()
+        views = composite.cpu().tolist() if composite is not None else [None] * len(rows)
         rules = self.rules
         out = []
-        for row, hit, problem in zip(rows, flagged, problems):
+        for row, hit, problem, view in zip(rows, flagged, problems, views):
             if problem is not None:
                 out.append(problem)
                 continue
             parts = [(level, row[LEVELS.index(level)], t) for level, t in rules.items()]
             if hit:
                 level, s, t = next(p for p in parts if p[1] >= p[2])
-                out.append(f"{level} {s:.2f} >= {t:.2f}")
+                shown = view[LEVELS.index(level)] if view else 0
+                out.append(f"{level} {s:.2f} >= {t:.2f}" + (f" ({VIEW_NAMES[shown]})" if shown else ""))
             else:
-                out.append(", ".join(f"{level} {s:.2f} < {t:.2f}" for level, s, t in parts))
+                passed = ", ".join(f"{level} {s:.2f} < {t:.2f}" for level, s, t in parts)
+                out.append(passed + (" (over white and black)" if view and any(view) else ""))
         return out

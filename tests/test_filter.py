@@ -67,12 +67,13 @@ def unit(item: Any, value_range=(0.0, 1.0)) -> torch.Tensor:
 
 
 def expected(seen: torch.Tensor, action: str, **options) -> torch.Tensor:
-    """What the filter should write for an input image ``seen`` (C, h, w) float64 in [0, 1]."""
-    rgb = seen[:3] if seen.shape[0] != 1 else seen.expand(3, -1, -1)
+    """What the filter should write for an input image ``seen`` (C, h, w) float64 in [0, 1]: RGBA
+    is censored with its alpha (blurred or pixelated with the colour; opaque for fills)."""
+    rgb = seen if seen.shape[0] != 1 else seen.expand(3, -1, -1)
     out = censor(rgb.float()[None], action, **options)[0].double()
     if seen.shape[0] == 1:
         return (out * LUMA).sum(0, keepdim=True)
-    return torch.cat([out, seen[3:]]) if seen.shape[0] == 4 else out
+    return out
 
 
 @dataclass
@@ -117,7 +118,8 @@ KINDS = [
     Kind("torch CHW float32", lambda x: x[0].clone(), _one),
     Kind("torch HWC uint8", lambda x: (x[0] * 255).round().byte().permute(1, 2, 0).contiguous(), _hwc, 0.6 / 255),
     Kind("torch B1HW gray", lambda x: x[:, :1].clone(), list),
-    Kind("torch HW gray uint8", lambda x: (x[0, 0] * 255).round().byte(), lambda x: [x[None]], 0.6 / 255),
+    # censored in uint8 RGB, then turned to gray: two roundings
+    Kind("torch HW gray uint8", lambda x: (x[0, 0] * 255).round().byte(), lambda x: [x[None]], 1.5 / 255),
     Kind("torch BCHW RGBA", lambda x: torch.cat([x, x[:, :1]], 1), list),
     Kind("numpy HWC uint8", lambda x: (x[0] * 255).round().byte().permute(1, 2, 0).numpy(), _hwc, 0.6 / 255),
     Kind("numpy BHWC float32", lambda x: x.permute(0, 2, 3, 1).numpy().copy(), _bhwc),
@@ -234,7 +236,8 @@ def test_unflagged_images_come_back_unchanged(safe, kind):
     out = SafetyFilter(safe, level="low", threshold=0.01, action="blur")(images, **kind.kwargs)
     n = len(kind.split(images))
     assert out.flagged == [False] * n and not out.any_flagged and out.actions == ["none"] * n
-    assert all(r == "low 0.00 < 0.01" for r in out.reasons), out.reasons
+    seen = " (over white and black)" if "RGBA" in kind.name else ""  # transparent: both composites passed
+    assert all(r == "low 0.00 < 0.01" + seen for r in out.reasons), out.reasons
     assert same(out.images, before)
     if not isinstance(images, list):
         assert out.images is images  # nothing censored: no copy at all

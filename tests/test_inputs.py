@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nsfw_safety.inputs import open_image, prepare
+from nsfw_safety.inputs import OPAQUE, OVER_BLACK, OVER_WHITE, open_image, prepare, views
 
 
 def _img(h=6, w=10, seed=0):
@@ -29,28 +29,40 @@ def test_value_ranges_and_uint8():
     x = _img()
     torch.testing.assert_close(prepare(x * 2 - 1, value_range=(-1, 1)).pixels[0], x)
     u8 = (x * 255).round().to(torch.uint8)
-    torch.testing.assert_close(prepare(u8).pixels[0], u8.float() / 255)
+    p = prepare(u8)
+    assert p.pixels.dtype == torch.uint8 and p.pixels.data_ptr() == u8.data_ptr()  # 8-bit stays 8-bit, uncopied
     # float16 VAE-like output, slightly out of range, is clamped into [0, 1]
     p = prepare(torch.full((1, 3, 4, 6), 1.2, dtype=torch.float16), value_range=(-1, 1))
     assert p.pixels.max().item() == 1.0
 
 
-def test_gray_becomes_rgb_and_alpha_is_dropped():
+def test_gray_becomes_rgb_and_alpha_gives_two_views():
     gray = torch.rand(1, 1, 5, 7)
-    p = prepare(gray)
-    assert p.pixels.shape == (1, 3, 5, 7)
-    assert torch.equal(p.pixels[0, 0], p.pixels[0, 2])
+    v, kinds = views(prepare(gray).pixels)
+    assert v.shape == (1, 3, 5, 7) and kinds == [OPAQUE] and v.stride(1) == 0  # expanded, not copied
+    assert torch.equal(v[0, 0], gray[0, 0]) and torch.equal(v[0, 2], gray[0, 0])
     rgba = torch.rand(2, 4, 5, 7)
-    assert torch.equal(prepare(rgba).pixels, rgba[:, :3])
+    p = prepare(rgba)
+    assert torch.equal(p.pixels, rgba)
+    v, kinds = views(p.pixels)
+    assert v.shape == (4, 3, 5, 7) and kinds == [OVER_WHITE, OVER_BLACK] * 2
+    color, alpha = rgba[:, :3], rgba[:, 3:]
+    torch.testing.assert_close(v[0::2], color * alpha + 1 - alpha)
+    torch.testing.assert_close(v[1::2], color * alpha)
+    # uint8: rounded composites, in uint8
+    u8 = torch.tensor([[[[200]], [[100]], [[0]], [[128]]]], dtype=torch.uint8)  # one RGBA pixel
+    v, _ = views(u8)
+    assert v.dtype == torch.uint8
+    assert v[:, :, 0, 0].tolist() == [[227, 177, 127], [100, 50, 0]]
 
 
 def test_numpy_pil_and_paths(tmp_path):
     arr = (np.random.default_rng(0).random((8, 12, 3)) * 255).astype(np.uint8)
     pil = Image.fromarray(arr)
     pil.save(tmp_path / "a.png")
-    expected = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    expected = torch.from_numpy(arr).permute(2, 0, 1)
     for item in (arr, pil, tmp_path / "a.png", str(tmp_path / "a.png")):
-        torch.testing.assert_close(prepare(item).pixels[0], expected)
+        assert torch.equal(prepare(item).pixels[0], expected)
     mixed = prepare([pil, np.zeros((20, 30, 3), np.float32)])
     assert isinstance(mixed.pixels, list) and [p.shape for p in mixed.pixels] == [(3, 8, 12), (3, 20, 30)]
     assert mixed.finite.tolist() == [True, True]

@@ -273,6 +273,7 @@ def test_censored_alpha_image_is_the_library_answer(nsfw_client, eva_nsfw_dir, a
     np.testing.assert_array_equal(out, expected)
     if action == "black":
         assert not out[..., :3].any()
+        assert (out[..., 3] == 255).all()  # opaque: the alpha channel no longer draws the shape
 
 
 def test_batch_censor_returns_the_images_in_the_json(nsfw_client, eva_safe_dir):
