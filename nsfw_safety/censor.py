@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 ACTIONS = ("blur", "pixelate", "black", "placeholder", "none")
+#: The actions that hide an image: every action but ``"none"``.
+HIDING_ACTIONS = tuple(a for a in ACTIONS if a != "none")
+DEFAULT_ACTION = "blur"
 #: Gaussian sigma as a fraction of the longer side: 41 px on 512 px; shapes become colour fields.
 DEFAULT_BLUR = 0.08
 #: Pixelation block as a fraction of the longer side: 43 px blocks on 512 px.
@@ -146,7 +150,6 @@ def place(x: torch.Tensor, card: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=1)
 def default_card() -> torch.Tensor:
     """The built-in 'content hidden' card: (3, 256, 256) float in [0, 1] on the CPU."""
-    import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
     im = Image.new("RGB", (256, 256), (38, 38, 42))
@@ -158,7 +161,9 @@ def default_card() -> torch.Tensor:
     except TypeError:  # Pillow < 10.1: the bitmap font has no size
         font = ImageFont.load_default()
     draw.text((128, 200), "content hidden", fill=(200, 200, 210), font=font, anchor="mm")
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
+    from .inputs import pil_to_tensor, unit  # inputs does not import this module: no cycle
+
+    return unit(pil_to_tensor(im)[0])
 
 
 def censor(x: torch.Tensor, action: str, *, blur_strength: float = DEFAULT_BLUR,
@@ -182,3 +187,58 @@ def censor(x: torch.Tensor, action: str, *, blur_strength: float = DEFAULT_BLUR,
     if action == "none":
         return x
     raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+
+
+@dataclass(frozen=True)
+class CensorSettings:
+    """How flagged images are censored; validated when built.
+
+    Attributes:
+        action: one of ``ACTIONS``.
+        blur_strength: Gaussian sigma as a fraction of the longer image side, > 0.
+        block: pixelation block as a fraction of the longer image side, in (0, 1].
+        color: fill colour for ``"black"`` and failed checks, three floats in [0, 1].
+        placeholder: the card for ``"placeholder"``: any image input (PIL, path, array, tensor),
+            kept as (3, h, w) float in [0, 1] as a viewer sees it (a transparent card over
+            white); None: the built-in "content hidden" card.
+    Raises:
+        ValueError, TypeError: a bad value, naming it.
+    """
+
+    action: str = DEFAULT_ACTION
+    blur_strength: float = DEFAULT_BLUR
+    block: float = DEFAULT_BLOCK
+    color: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    placeholder: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {self.action!r}")
+        for name, low, high in (("blur_strength", 0.0, math.inf), ("block", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+                raise ValueError(f"{name} must be a number in ({low}, {high}], got {value!r}")
+        object.__setattr__(self, "color", check_color(self.color))
+        if self.placeholder is not None:
+            object.__setattr__(self, "placeholder", _card(self.placeholder))
+
+    def apply(self, x: torch.Tensor, action: str | None = None) -> torch.Tensor:
+        """:func:`censor` ``x`` with these settings (``action`` overrides ``self.action``)."""
+        return censor(x, action or self.action, blur_strength=self.blur_strength, block=self.block,
+                      color=self.color, placeholder=self.placeholder)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly; ``placeholder`` is True when a custom card is set (saved apart)."""
+        return {"action": self.action, "blur_strength": self.blur_strength, "block": self.block,
+                "color": list(self.color), "placeholder": self.placeholder is not None}
+
+
+def _card(image: Any) -> torch.Tensor:
+    """Any image input -> (3, h, w) float in [0, 1] on the CPU, as a viewer sees it."""
+    from . import inputs  # inputs does not import this module: no cycle
+
+    if isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3 and image.is_floating_point():
+        return image.detach().float().cpu()  # already a card (e.g. CensorSettings rebuilt by replace())
+    pixels = inputs.prepare(image).pixels
+    card = inputs.views(pixels if isinstance(pixels, torch.Tensor) else [pixels[0]])[0][0]
+    return inputs.unit(card)

@@ -21,80 +21,14 @@ from torch import nn
 
 from . import inputs as _inputs
 from .device_cache import on_device
-from .levels import LEVELS, Policy, level_matrix
+from .levels import DEFAULT_LEVEL, DEFAULT_THRESHOLD, BLOCKED, NONFINITE_INPUT, NONFINITE_OUTPUT, OK, Policy, Scores, level_matrix  # noqa: F401 -- Scores: public here too
 from .models import DEFAULT_MODEL, LoadedModel, ModelSpec, load_model, resolve
 from .preprocess import PreprocessConfig, preprocess
 
 log = logging.getLogger(__name__)
 
-OK, NONFINITE_INPUT, NONFINITE_OUTPUT = 0, 1, 2
-_PROBLEMS = {NONFINITE_INPUT: "non-finite input", NONFINITE_OUTPUT: "non-finite model output"}
-#: The level row of an image that could not be checked: flagged at any level and threshold.
-BLOCKED = torch.tensor([0.0, 1.0, 1.0, 1.0])
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class Scores:
-    """Scores for a batch of B images.
-
-    Attributes:
-        probs: (B, C) float32, the model's softmax probabilities (NaN where invalid).
-        levels: (B, 4) float32, columns neutral, low, medium, high (see ``nsfw_safety.levels``).
-            Invalid rows read 0 for neutral and 1 for every NSFW level, so they are flagged
-            at any level and threshold.
-        labels: the C class names.
-        status: (B,) int8, 0 = valid, 1 = non-finite input, 2 = non-finite model output.
-        composite: (B, 4) int8 or None (no image had alpha): for an image with transparency,
-            which composite gave each level score, ``inputs.OVER_WHITE`` (1) or
-            ``inputs.OVER_BLACK`` (2); 0 for opaque images. Such an image is scored over white
-            and over black, and keeps the stricter score of each level (the larger NSFW level,
-            the smaller neutral); its ``probs`` are the distribution those levels imply.
-    """
-
-    probs: torch.Tensor
-    levels: torch.Tensor
-    labels: tuple[str, ...]
-    status: torch.Tensor
-    composite: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.levels)
-
-    def __getitem__(self, index: int | slice | list[int] | torch.Tensor) -> Scores:
-        """The scores of some of the images, as a :class:`Scores` (an int gives a batch of one)."""
-        if isinstance(index, int):
-            index = [index]
-        composite = self.composite[index] if self.composite is not None else None
-        return Scores(self.probs[index], self.levels[index], self.labels, self.status[index], composite)
-
-    @property
-    def valid(self) -> torch.Tensor:
-        """(B,) bool, True where the scores can be trusted."""
-        return self.status == OK
-
-    def problems(self) -> list[str | None]:
-        """Per image: why its scores are invalid, or None."""
-        return [_PROBLEMS.get(s) for s in self.status.tolist()]
-
-    def to_dicts(self) -> list[dict[str, Any]]:
-        """JSON-friendly: ``{"levels": {...}, "probs": {...}, "problem": str | None}`` per image."""
-        levels = self.levels.cpu().tolist()
-        probs = self.probs.cpu().tolist()
-        return [{"levels": dict(zip(LEVELS, lv)),
-                 "probs": {k: (None if p != p else p) for k, p in zip(self.labels, pr)},
-                 "problem": problem}
-                for lv, pr, problem in zip(levels, probs, self.problems())]
-
-    @staticmethod
-    def cat(parts: list[Scores]) -> Scores:
-        composite = None
-        if any(p.composite is not None for p in parts):
-            composite = torch.cat([p.composite if p.composite is not None else
-                                   torch.zeros(len(p), 4, dtype=torch.int8, device=p.levels.device) for p in parts])
-        return Scores(torch.cat([p.probs for p in parts]), torch.cat([p.levels for p in parts]),
-                      parts[0].labels, torch.cat([p.status for p in parts]), composite)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -173,11 +107,12 @@ class Detector:
         prepared = _inputs.prepare(images, value_range=value_range, layout=layout, device=self.device)
         return self.score(prepared.pixels, prepared.finite)
 
-    def is_nsfw(self, images: Any, level: str = "medium", threshold: float = 0.5, **kwargs) -> list[bool]:
+    def is_nsfw(self, images: Any, level: str = DEFAULT_LEVEL, threshold: float = DEFAULT_THRESHOLD,
+                **kwargs) -> list[bool]:
         """``levels[level] >= threshold`` per image (invalid scores count as NSFW)."""
         policy = Policy(level, threshold)
         scores = self.predict(images, **kwargs)
-        return policy.flag(scores.levels, scores.valid).tolist()
+        return policy.decide(scores).flagged
 
     @torch.inference_mode()
     def score(self, pixels: torch.Tensor | list[torch.Tensor], finite: torch.Tensor | None = None) -> Scores:

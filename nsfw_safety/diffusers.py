@@ -27,12 +27,13 @@ import torch
 # method by looking its base classes up in the component's own module.
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.image_processor import VaeImageProcessor
-from PIL import Image
 from transformers import CLIPImageProcessor
 
-from .censor import DEFAULT_BLOCK, DEFAULT_BLUR
+from .censor import CensorSettings
 from .detector import Detector, load_detector, resolve_dtype
 from .filter import FilterResult, SafetyFilter
+from .inputs import tensor_to_pil
+from .levels import DEFAULT_LEVEL, DEFAULT_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,11 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         self._host_dtype: torch.dtype | None = None
         self.last_result: FilterResult | None = None
         self.feature_extractor = light_feature_extractor()
-        policy, options = guard.policy, guard.options
+        policy, censoring = guard.policy, guard.censoring.to_dict()
+        del censoring["placeholder"]  # saved as an image beside the config
         self.register_to_config(
             model=model or detector.model_id, revision=detector.revision, level=policy.level,
-            threshold=policy.threshold, thresholds=policy.thresholds, action=guard.action,
-            on_error=guard.on_error, blur_strength=options["blur_strength"], block=options["block"],
-            color=list(options["color"]),
+            threshold=policy.threshold, thresholds=policy.thresholds, on_error=guard.on_error, **censoring,
             compute_dtype=None if self._pinned_dtype is None else str(self._pinned_dtype).removeprefix("torch."),
         )
 
@@ -144,8 +144,10 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         if unknown:
             log.warning("NSFWSafetyChecker.from_pretrained ignores unknown argument(s) %s", unknown)
         saved = _saved_config(pretrained_model_name_or_path, cls.__name__)
-        settings = dict(level="medium", threshold=0.5, thresholds=None, action="blur", on_error="block",
-                        blur_strength=DEFAULT_BLUR, block=DEFAULT_BLOCK, color=(0.0, 0.0, 0.0))
+        censoring = CensorSettings().to_dict()
+        del censoring["placeholder"]
+        settings = dict(level=DEFAULT_LEVEL, threshold=DEFAULT_THRESHOLD, thresholds=None, on_error="block",
+                        **censoring)
         model, origin = pretrained_model_name_or_path, None
         if saved is not None:
             source = Path(pretrained_model_name_or_path)
@@ -156,7 +158,7 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
             if dtype is None:
                 dtype = saved.get("compute_dtype")
         if level is not None or threshold is not None or thresholds is not None:
-            settings.update(level=level or "medium", threshold=0.5 if threshold is None else threshold,
+            settings.update(level=level or DEFAULT_LEVEL, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                             thresholds=thresholds)
         given = dict(action=action, on_error=on_error, blur_strength=blur_strength, block=block, color=color)
         settings.update({k: v for k, v in given.items() if v is not None})
@@ -191,10 +193,9 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
             for file in sorted(Path(source).iterdir()):
                 if file.is_file() and file.name.endswith(_CHECKPOINT_SUFFIXES):
                     shutil.copy2(file, target / file.name)
-        card = self.guard.options.get("placeholder")
+        card = self.guard.censoring.placeholder
         if card is not None:
-            rgb = (card.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-            Image.fromarray(rgb, "RGB").save(out / PLACEHOLDER_FILE)
+            tensor_to_pil(card).save(out / PLACEHOLDER_FILE)
         self.save_config(out)
 
     # --- device and dtype --------------------------------------------------------------------

@@ -12,9 +12,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import inputs as _inputs
-from .censor import ACTIONS, DEFAULT_BLOCK, DEFAULT_BLUR, censor, check_color
-from .detector import Detector, Scores
-from .levels import Policy
+from .censor import DEFAULT_ACTION, DEFAULT_BLOCK, DEFAULT_BLUR, CensorSettings
+from .detector import Detector
+from .levels import DEFAULT_LEVEL, DEFAULT_THRESHOLD, Policy, Scores
 
 log = logging.getLogger(__name__)
 
@@ -64,30 +64,40 @@ class SafetyFilter:
         color: fill colour for ``"black"`` and failed checks, three floats in [0, 1].
         placeholder: image for ``"placeholder"`` (PIL, path, array or tensor); default: a plain
             built-in "content hidden" card.
+        censoring: the censor settings as one :class:`~nsfw_safety.censor.CensorSettings`, instead of
+            ``action``, ``blur_strength``, ``block``, ``color`` and ``placeholder``.
+    Raises:
+        ValueError, TypeError: a bad rule or censor setting, when the filter is built.
     """
 
-    def __init__(self, detector: Detector, level: str = "medium", threshold: float = 0.5, *,
-                 thresholds: Mapping[str, float] | None = None, action: str = "blur",
+    def __init__(self, detector: Detector, level: str = DEFAULT_LEVEL, threshold: float = DEFAULT_THRESHOLD, *,
+                 thresholds: Mapping[str, float] | None = None, action: str = DEFAULT_ACTION,
                  on_error: str = "block", blur_strength: float = DEFAULT_BLUR,
                  block: float = DEFAULT_BLOCK, color: Sequence[float] = (0.0, 0.0, 0.0),
-                 placeholder: Any = None):
-        if action not in ACTIONS:
-            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+                 placeholder: Any = None, censoring: CensorSettings | None = None):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.detector = detector
         self.policy = Policy(level, threshold, thresholds)
-        self.action = action
         self.on_error = on_error
-        self.options = dict(blur_strength=blur_strength, block=block, color=check_color(color))
-        if placeholder is not None:  # as a viewer sees it: a transparent card over white
-            card = _inputs.prepare(placeholder).pixels
-            card = _inputs.views(card if isinstance(card, torch.Tensor) else [card[0]])[0][0]
-            self.options["placeholder"] = _inputs.unit(card)
-        censor(torch.zeros(1, 3, 8, 8), action, **self.options)  # bad strengths fail now, not mid-run
+        #: How flagged images are censored (``censoring=`` replaces the separate arguments).
+        self.censoring = censoring if censoring is not None else CensorSettings(
+            action, blur_strength, block, color, placeholder)
+
+    @property
+    def action(self) -> str:
+        return self.censoring.action
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The censor strengths as a dict, as 0.1 exposed them (use :attr:`censoring`)."""
+        out = {k: getattr(self.censoring, k) for k in ("blur_strength", "block", "color")}
+        if self.censoring.placeholder is not None:
+            out["placeholder"] = self.censoring.placeholder
+        return out
 
     def __repr__(self) -> str:
-        return f"SafetyFilter({self.detector!r}, rules={self.policy.rules}, action={self.action!r})"
+        return f"SafetyFilter({self.detector!r}, rules={self.policy.rules}, censoring={self.censoring!r})"
 
     def __call__(self, images: Any, *, value_range: _inputs.ValueRange = (0.0, 1.0),
                  layout: str | None = None, censored_range: _inputs.ValueRange | None = None,
@@ -116,10 +126,8 @@ class SafetyFilter:
         try:
             if scores is None:
                 scores = self.detector.score(prepared.pixels, prepared.finite)
-            flagged = self.policy.flag(scores.levels, scores.valid).tolist()  # the one host sync
-            problems = scores.problems()
-            reasons = self.policy.reasons(scores.levels, flagged, problems, scores.composite)
-            actions = [("black" if p else self.action) if f else "none" for f, p in zip(flagged, problems)]
+            verdict = self.policy.decide(scores)  # the one host read
+            flagged, reasons, actions = verdict.flagged, verdict.reasons, verdict.actions(self.action)
         except Exception as e:
             if self.on_error == "raise":
                 raise
@@ -140,9 +148,9 @@ class SafetyFilter:
             for chunk in _chunks(prepared, index):
                 pixels = prepared.select(chunk)
                 if isinstance(pixels, torch.Tensor):
-                    result = list(censor(_rgba(pixels), action, **self.options))
+                    result = list(self.censoring.apply(_rgba(pixels), action))
                 else:  # mixed sizes: one call per image
-                    result = [censor(_rgba(p[None]), action, **self.options)[0] for p in pixels]
+                    result = [self.censoring.apply(_rgba(p[None]), action)[0] for p in pixels]
                 done.update(zip(chunk, result))
         index = sorted(done)
         return prepared.restore(index, [done[i] for i in index], censored_range)

@@ -506,12 +506,12 @@ def pil_to_tensor(im: Image.Image) -> tuple[torch.Tensor, bool]:
     return torch.from_numpy(a).permute(2, 0, 1), True
 
 
-def _tensor_to_pil(y: torch.Tensor, like: Image.Image) -> Image.Image:
-    """(3 or 4, H, W) RGB(A), uint8 in [0, 255] or float in [0, 1] -> a PIL image in ``like``'s
-    mode. RGBA sets the alpha channel; RGB keeps ``like``'s. Palette modes come back as RGB(A)
-    (a palette cannot hold a blur); 16-bit and float modes get the luma at their own scale."""
+def tensor_to_pil(y: torch.Tensor, like: Image.Image | None = None) -> Image.Image:
+    """(3 or 4, H, W) RGB(A), uint8 in [0, 255] or float in [0, 1] -> a PIL image: RGB(A), or in
+    ``like``'s mode. RGBA sets the alpha channel; RGB keeps ``like``'s. Palette modes come back as
+    RGB(A) (a palette cannot hold a blur); 16-bit and float modes get the luma at their own scale."""
     y = y.cpu()
-    if like.mode in _DEEP:
+    if like is not None and like.mode in _DEEP:
         luma = (unit(y[:3]) * torch.tensor(_LUMA).view(3, 1, 1)).sum(0).clamp(0, 1).numpy()
         if like.mode == "F":
             return Image.frombytes("F", like.size, luma.astype("=f4").tobytes())
@@ -521,6 +521,8 @@ def _tensor_to_pil(y: torch.Tensor, like: Image.Image) -> Image.Image:
         return Image.frombytes(like.mode, like.size, np.rint(luma * 65535).astype(raw).tobytes())
     u8 = y if y.dtype == torch.uint8 else (y.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
     out = Image.fromarray(u8.permute(1, 2, 0).contiguous().numpy())
+    if like is None:
+        return out
     if len(y) == 3 and like.has_transparency_data:  # alpha not censored: the original's
         alpha = like.convert("RGBA" if like.mode not in ("LA", "La") else "LA").getchannel("A")
         out.putalpha(alpha)
@@ -559,7 +561,7 @@ def _prepare_list(items: list, value_range, layout, device) -> Prepared:
         out = list(originals)
         for i, c in zip(index, censored):
             if restorers[i] is None:
-                out[i] = _tensor_to_pil(c, originals[i])
+                out[i] = tensor_to_pil(c, originals[i])
             else:
                 out[i] = restorers[i]([0], c[None], censored_range)
         return out

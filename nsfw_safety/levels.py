@@ -1,6 +1,7 @@
-"""Level names, the cumulative level scores, and the threshold policy.
+"""Level names, the cumulative level scores, the scores themselves, and the threshold policy.
 
-Every caller decides "flagged or not" here and nowhere else.
+Every caller decides "flagged or not" here and nowhere else: :meth:`Policy.decide` turns
+:class:`Scores` into a :class:`Verdict` (flags and reasons) with one read from the device.
 
 Level scores, one row per image, columns ``LEVELS``:
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -23,6 +24,9 @@ from .inputs import VIEW_NAMES
 LEVELS: tuple[str, ...] = ("neutral", "low", "medium", "high")
 #: The levels a threshold can be set on ("neutral" is not an NSFW level).
 NSFW_LEVELS: tuple[str, ...] = LEVELS[1:]
+
+#: The default rule of every integration: flag when ``levels["medium"] >= 0.5``.
+DEFAULT_LEVEL, DEFAULT_THRESHOLD = "medium", 0.5
 
 _FOUR = ("neutral", "low", "medium", "high")
 _NSFW_NAMES = ("nsfw", "unsafe", "porn", "explicit")
@@ -73,6 +77,96 @@ def level_matrix(labels: tuple[str, ...]) -> torch.Tensor:
     )
 
 
+# --- scores ----------------------------------------------------------------------------------
+
+OK, NONFINITE_INPUT, NONFINITE_OUTPUT = 0, 1, 2
+_PROBLEMS = {NONFINITE_INPUT: "non-finite input", NONFINITE_OUTPUT: "non-finite model output"}
+#: The level row of an image that could not be checked: flagged at any level and threshold.
+BLOCKED = torch.tensor([0.0, 1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Scores for a batch of B images.
+
+    Attributes:
+        probs: (B, C) float32, the model's softmax probabilities (NaN where invalid).
+        levels: (B, 4) float32, columns neutral, low, medium, high (see the module docstring).
+            Invalid rows read 0 for neutral and 1 for every NSFW level (``BLOCKED``), so they are
+            flagged at any level and threshold.
+        labels: the C class names.
+        status: (B,) int8, ``OK`` (0), ``NONFINITE_INPUT`` (1) or ``NONFINITE_OUTPUT`` (2).
+        composite: (B, 4) int8 or None (no image had alpha): for an image with transparency,
+            which composite gave each level score, ``inputs.OVER_WHITE`` (1) or
+            ``inputs.OVER_BLACK`` (2); 0 for opaque images. Such an image is scored over white
+            and over black, and keeps the stricter score of each level (the larger NSFW level,
+            the smaller neutral); its ``probs`` are the distribution those levels imply.
+    """
+
+    probs: torch.Tensor
+    levels: torch.Tensor
+    labels: tuple[str, ...]
+    status: torch.Tensor
+    composite: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.levels)
+
+    def __getitem__(self, index: int | slice | list[int] | torch.Tensor) -> Scores:
+        """The scores of some of the images, as a :class:`Scores` (an int gives a batch of one)."""
+        if isinstance(index, int):
+            index = [index]
+        composite = self.composite[index] if self.composite is not None else None
+        return Scores(self.probs[index], self.levels[index], self.labels, self.status[index], composite)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B,) bool, True where the scores can be trusted."""
+        return self.status == OK
+
+    def problems(self) -> list[str | None]:
+        """Per image: why its scores are invalid, or None."""
+        return [_PROBLEMS.get(s) for s in self.status.tolist()]
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """JSON-friendly: ``{"levels": {...}, "probs": {...}, "problem": str | None}`` per image."""
+        levels = self.levels.cpu().tolist()
+        probs = self.probs.cpu().tolist()
+        return [{"levels": dict(zip(LEVELS, lv)),
+                 "probs": {k: (None if p != p else p) for k, p in zip(self.labels, pr)},
+                 "problem": problem}
+                for lv, pr, problem in zip(levels, probs, self.problems())]
+
+    @staticmethod
+    def cat(parts: list[Scores]) -> Scores:
+        composite = None
+        if any(p.composite is not None for p in parts):
+            composite = torch.cat([p.composite if p.composite is not None else
+                                   torch.zeros(len(p), 4, dtype=torch.int8, device=p.levels.device) for p in parts])
+        return Scores(torch.cat([p.probs for p in parts]), torch.cat([p.levels for p in parts]),
+                      parts[0].labels, torch.cat([p.status for p in parts]), composite)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A policy's decision on a batch, on the host.
+
+    Attributes:
+        flagged: one bool per image.
+        reasons: one string per image, e.g. ``"medium 0.83 >= 0.50"`` or ``"non-finite input"``.
+        problems: per image, why its scores could not be trusted, or None.
+    """
+
+    flagged: list[bool]
+    reasons: list[str]
+    problems: list[str | None]
+
+    def actions(self, action: str) -> list[str]:
+        """What to do to each image: ``action`` if flagged, ``"black"`` if its check failed
+        (a blur of garbage proves nothing), ``"none"`` if it passed."""
+        return [("black" if p else action) if f else "none" for f, p in zip(self.flagged, self.problems)]
+
+
 @dataclass(frozen=True)
 class Policy:
     """When an image counts as flagged.
@@ -119,33 +213,37 @@ class Policy:
             hit = hit | (levels[:, LEVELS.index(level)] >= t)
         return hit
 
-    def reasons(self, levels: torch.Tensor, flagged: list[bool], problems: list[str | None],
-                composite: torch.Tensor | None = None) -> list[str]:
-        """One human-readable reason per image, e.g. ``"medium 0.83 >= 0.50"``, or
-        ``"medium 0.83 >= 0.50 (over white)"`` when the score came from a transparent image
-        composited over white (``"... (over white and black)"`` when it passed both).
+    def decide(self, scores: Scores) -> Verdict:
+        """Flags and reasons for ``scores``, with one copy from the device (the first host read
+        of the batch: everything before it stays on the device).
 
-        Args:
-            levels: (B, 4) level scores (read on the host).
-            flagged: the decisions from :meth:`flag`.
-            problems: per image, why its scores are invalid, or None.
-            composite: ``Scores.composite``: (B, 4) int, which composite gave each level score
-                (0: the image is opaque), or None.
+        A reason names the first rule (in level order) that flagged the image,
+        ``"medium 0.83 >= 0.50"``, or every rule with its score when it passed. A score that came
+        from a transparent image composited over white says so: ``"... (over white)"``, and
+        ``"... (over white and black)"`` when the image passed both composites. An image whose
+        scores are invalid is flagged, with the problem as its reason.
         """
-        rows = levels.detach().float().cpu().tolist()
-        views = composite.cpu().tolist() if composite is not None else [None] * len(rows)
         rules = self.rules
-        out = []
-        for row, hit, problem, view in zip(rows, flagged, problems, views):
+        columns = [self.flag(scores.levels, scores.valid)[:, None].float(), scores.levels.float(),
+                   scores.status[:, None].float()]
+        if scores.composite is not None:
+            columns.append(scores.composite.float())
+        host = torch.cat([c.to(scores.levels.device) for c in columns], dim=1).cpu().tolist()
+        flagged, reasons, problems = [], [], []
+        for row in host:
+            hit, levels, status, view = row[0] > 0, row[1:5], int(row[5]), [int(v) for v in row[6:10]]
+            problem = _PROBLEMS.get(status)
+            flagged.append(hit)
+            problems.append(problem)
             if problem is not None:
-                out.append(problem)
+                reasons.append(problem)
                 continue
-            parts = [(level, row[LEVELS.index(level)], t) for level, t in rules.items()]
+            parts = [(level, levels[LEVELS.index(level)], t) for level, t in rules.items()]
             if hit:
                 level, s, t = next(p for p in parts if p[1] >= p[2])
                 shown = view[LEVELS.index(level)] if view else 0
-                out.append(f"{level} {s:.2f} >= {t:.2f}" + (f" ({VIEW_NAMES[shown]})" if shown else ""))
+                reasons.append(f"{level} {s:.2f} >= {t:.2f}" + (f" ({VIEW_NAMES[shown]})" if shown else ""))
             else:
                 passed = ", ".join(f"{level} {s:.2f} < {t:.2f}" for level, s, t in parts)
-                out.append(passed + (" (over white and black)" if view and any(view) else ""))
-        return out
+                reasons.append(passed + (" (over white and black)" if any(view) else ""))
+        return Verdict(flagged, reasons, problems)

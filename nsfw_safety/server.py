@@ -64,15 +64,16 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from .detector import Detector, load_detector, resolve_dtype
 from .filter import SafetyFilter
 from .inputs import ImageTooLarge, MultiFrameImage, open_image
-from .levels import NSFW_LEVELS, Policy, check_threshold, level_index
+from .censor import HIDING_ACTIONS
+from .levels import DEFAULT_LEVEL, DEFAULT_THRESHOLD, NSFW_LEVELS, Policy, check_threshold, level_index
 
 log = logging.getLogger(__name__)
 
 #: Image formats the server can accept, by media type, and the PIL decoder each is read with.
 FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 _MEDIA = {fmt: ctype for ctype, fmt in FORMATS.items()}
-#: ``?censor=`` values: the censoring actions that return an image of the upload's size.
-CENSOR = ("blur", "pixelate", "black")
+#: ``?censor=`` values: every action that hides an image (each returns one of the upload's size).
+CENSOR = HIDING_ACTIONS
 #: Room for the multipart framing around each file, on top of ``max_upload_bytes``.
 _MULTIPART_OVERHEAD = 64 * 1024
 #: Largest multipart text field.
@@ -113,8 +114,8 @@ class Settings:
     revision: str | None = None
     device: str | None = None
     dtype: str | None = None
-    level: str = "medium"
-    threshold: float = 0.5
+    level: str = DEFAULT_LEVEL
+    threshold: float = DEFAULT_THRESHOLD
     lock_policy: bool = False
     api_key: str | None = field(default=None, repr=False)
     max_batch_size: int = 16
@@ -529,7 +530,8 @@ class Batcher:
         start = time.perf_counter()
         scores = self.detector.predict([job.upload.image for job in batch])
         # one copy to the host; the per-request policies then run on the CPU
-        scores = replace(scores, probs=scores.probs.cpu(), levels=scores.levels.cpu(), status=scores.status.cpu())
+        scores = replace(scores, probs=scores.probs.cpu(), levels=scores.levels.cpu(), status=scores.status.cpu(),
+                         composite=None if scores.composite is None else scores.composite.cpu())
         rows = scores.to_dicts()
         groups: dict[tuple[Policy, str | None], list[int]] = collections.defaultdict(list)
         for i, job in enumerate(batch):
@@ -538,8 +540,8 @@ class Batcher:
         for (policy, action), index in groups.items():
             sub = scores[index]
             if action is None:  # scores only: the policy alone, no pixels to copy back
-                flagged = policy.flag(sub.levels, sub.valid).tolist()
-                reasons = policy.reasons(sub.levels, flagged, sub.problems())
+                verdict = policy.decide(sub)
+                flagged, reasons = verdict.flagged, verdict.reasons
                 actions, images = ["none"] * len(index), [None] * len(index)
             else:
                 guard = self._filter(policy.level, policy.threshold, action)

@@ -323,7 +323,8 @@ def test_save_and_reload_restores_the_checker_and_its_settings(parts, eva_dir, t
     again = loaded.safety_checker
     assert isinstance(again, NSFWSafetyChecker) and isinstance(loaded.feature_extractor, CLIPImageProcessor)
     assert again.guard.policy.rules == {"high": 0.3} and again.guard.action == "pixelate"
-    assert again.guard.options["block"] == 0.25 and again.guard.options["color"] == (0.2, 0.4, 0.6)
+    assert again.guard.censoring.block == 0.25 and again.guard.censoring.color == (0.2, 0.4, 0.6)
+    assert again.guard.options["block"] == 0.25  # the 0.1 name still works
     assert loaded.unet.dtype == loaded.dtype == torch.float16 and again.compute_dtype == torch.float32
     x = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
     assert torch.equal(again.check(x).scores.levels, checker.check(x).scores.levels)

@@ -292,7 +292,7 @@ def test_batch_censor_returns_the_images_in_the_json(nsfw_client, eva_safe_dir):
     with TestClient(create_app(Settings(**LIMITS), detector=load_detector(str(eva_safe_dir), device="cpu"))) as c:
         [passed] = c.post("/compute/batch?censor=blur", files=files[:1]).json()["results"]
     assert (passed["category"], passed["action"], passed["image"]) == ("safe", "none", None)
-    assert nsfw_client.post("/compute/batch?censor=placeholder", files=files[:1]).status_code == 422
+    assert nsfw_client.post("/compute/batch?censor=smudge", files=files[:1]).status_code == 422
 
 
 def test_safe_image_comes_back_unchanged(eva_safe_dir):
@@ -393,7 +393,7 @@ def test_multi_frame_upload_is_415(client, fmt):
 
 @pytest.mark.parametrize("query, words", [
     ("?threshold=1.5", "'threshold'"), ("?threshold=abc", "'threshold'"), ("?threshold=nan", "'threshold'"),
-    ("?level=neutral", "'level'"), ("?level=extreme", "'level'"), ("?censor=placeholder", "'censor'"),
+    ("?level=neutral", "'level'"), ("?level=extreme", "'level'"), ("?censor=smudge", "'censor'"),
 ])
 def test_bad_query_is_422(client, query, words):
     r = post(client, GOOD, query=query)

@@ -19,6 +19,7 @@ from images import synthetic
 from PIL import Image
 
 from nsfw_safety import SafetyFilter, load_detector
+from nsfw_safety import censor as censor_module
 from nsfw_safety import filter as filter_module
 from nsfw_safety.censor import censor
 from nsfw_safety.inputs import MultiFrameImage, open_image, pil_to_tensor, prepare
@@ -435,8 +436,8 @@ def test_censoring_runs_in_bounded_chunks(nsfw, monkeypatch):
     guard = SafetyFilter(nsfw, action="blur")
     whole = guard(x).images
     seen = []
-    real = filter_module.censor
-    monkeypatch.setattr(filter_module, "censor", lambda p, *a, **k: seen.append(len(p)) or real(p, *a, **k))
+    real = censor_module.censor  # what CensorSettings.apply calls
+    monkeypatch.setattr(censor_module, "censor", lambda p, *a, **k: seen.append(len(p)) or real(p, *a, **k))
     monkeypatch.setattr(filter_module, "CENSOR_CHUNK_BYTES", 2 * 4 * 3 * 48 * 64)  # two images
     assert torch.equal(guard(x).images, whole)
     assert seen == [2, 2, 2]
