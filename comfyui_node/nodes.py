@@ -91,7 +91,7 @@ class NSFWDetectorLoader:
                 "tooltip": "eva: Freepik EVA02 (4 levels, default); vit-sd, vit, falconsai: 2-class ViTs; "
                            f"or a checkpoint folder under models/{management.FOLDER}"}),
             "dtype": (list(management.DTYPES), {
-                "default": "auto", "tooltip": "auto: bf16 on a GPU, fp32 on the CPU"}),
+                "default": "auto", "tooltip": "auto: bf16 on a GPU and on CPUs with native bf16, fp32 elsewhere"}),
         }}
 
     RETURN_TYPES = (DETECTOR,)
