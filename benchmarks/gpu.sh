@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue #14 in one run, sized for a short device lease (about 6 minutes on an
-# H200, 9 at most: every step has its own time limit, so one hang cannot take the whole lease).
+# H200, 9.5 at most: every step has its own time limit, so one hang cannot take the whole lease).
 #
 #   bash benchmarks/gpu.sh --fetch-wheels   # where the package index is reachable: the wheels the
 #                                           # device image lacks (diffusers, Freepik's package) -> .whl/
@@ -10,6 +10,7 @@
 # reachable), `pytest -m gpu`, the emulated-CUDA tests, `python -m benchmarks --device cuda --quick`.
 # Everything lands in $OUT (default benchmarks/results): gpu.log (all output), env.txt, cuda.md and
 # cuda.json (rewritten after each benchmark section, so a run cut short keeps what it measured).
+# A dry run of every step on a CPU machine: BENCH_ARGS="--smoke --device cpu" bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,6 +28,7 @@ if [[ ${1:-} == --fetch-wheels ]]; then
 fi
 
 OUT=${OUT:-benchmarks/results}
+BENCH_ARGS=${BENCH_ARGS:---device cuda --quick}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1  # nothing is downloaded: random weights, tiny fixtures
@@ -59,16 +61,20 @@ fi
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
     "$PY" -c "import torch, timm, transformers, diffusers, nsfw_image_detector, nsfw_safety
-print('torch', torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name())
+print('torch', torch.__version__, 'cuda', torch.version.cuda, '|',
+      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')
 print('timm', timm.__version__, '| transformers', transformers.__version__, '| diffusers', diffusers.__version__)
 print('nsfw_safety from', nsfw_safety.__file__)"
 } 2>&1 | tee "$OUT/env.txt"
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
+if [[ $BENCH_ARGS == *cuda* ]]; then
+    "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
+fi
 
 # --confcutdir: the repository root holds the ComfyUI entry point (__init__.py), which pytest would
 # otherwise import as a package named after the checkout's folder
-step "pytest -m gpu" 150 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --confcutdir=tests tests
-step "emulated CUDA tests" 60 "$PY" -m pytest -q -p no:cacheprovider --confcutdir=tests tests/test_emulated_cuda.py
-step "benchmark" 330 "$PY" -m benchmarks --device cuda --quick --out "$OUT"  # ends with a summary
+step "pytest -m gpu" 140 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --confcutdir=tests tests
+step "emulated CUDA tests" 70 "$PY" -m pytest -q -p no:cacheprovider --confcutdir=tests tests/test_emulated_cuda.py
+# shellcheck disable=SC2086 # BENCH_ARGS is a list of options
+step "benchmark" 320 "$PY" -m benchmarks $BENCH_ARGS --out "$OUT"  # ends with a summary
 
 echo "=== done in $((SECONDS - t_start))s; files in $OUT"
