@@ -106,15 +106,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["rows"] = rows
             write()
 
+        # in the order of what a cut-short run most needs: the rows, then the pipeline share
         result["rows"] = _measure(built, batches, device, repeats, batch_done)
-        result["preprocessing"] = _preprocessing(checkpoint, device, batches, size, repeats)
-        write()
+        del built
         result["parity"] = _parity(checkpoint, device, size)
         write()
         if not args.skip_sd:
             steps = args.sd_steps or (2 if smoke else 30 if cuda else 10)
             log.info("Stable Diffusion pipeline, %d steps", steps)
             result["sd_pipeline"] = _sd(checkpoint, device, smoke, cuda, steps, 3 if args.quick else repeats)
+            write()
+        result["preprocessing"] = _preprocessing(checkpoint, device, batches, size, repeats)
     write()
     print(markdown(result))
     print(summary(result))
@@ -122,8 +124,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _meta(device: torch.device, smoke: bool, batches: list[int], repeats: int) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
     import diffusers
     import timm
     import transformers
@@ -138,7 +138,7 @@ def _meta(device: torch.device, smoke: bool, batches: list[int], repeats: int) -
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
         "transformers": transformers.__version__, "diffusers": diffusers.__version__,
-        "nsfw_image_detector": _version(version, PackageNotFoundError, "nsfw-image-detector"),
+        "nsfw_image_detector": _package_version("nsfw-image-detector"),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "cpu_bf16": _cpu_bf16(),
         "default_dtype": P._name(resolve_dtype("auto", device)),
@@ -148,10 +148,12 @@ def _meta(device: torch.device, smoke: bool, batches: list[int], repeats: int) -
     }
 
 
-def _version(version, missing, name: str) -> str | None:
+def _package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version(name)
-    except missing:
+    except PackageNotFoundError:
         return None
 
 
