@@ -6,8 +6,10 @@ or flags on the device.
 
 * (a)/(b) ``lib``: this library, from decoded tensors ``(B, 3, S, S)`` in [-1, 1] on the device,
   ``Detector.predict(x, value_range=(-1, 1))``; eager or ``torch.compile``.
-* (c) ``reference``: the EVA authors' path: PIL images, timm's eval transform per image
-  (``create_transform(**resolve_data_config(pretrained_cfg))``), stack, the timm model.
+* (c) ``freepik``: the EVA authors' own package, ``nsfw-image-detector`` from the index (the
+  ``bench`` extra): its ``NSFWDetector`` built from the checkpoint directory (transformers loads a
+  local folder, so nothing is downloaded), scoring PIL images with ``predict_proba``: timm's eval
+  transform per image, stack, the transformers TimmWrapper model; bf16 by default, on any device.
 * (d) ``hf_pipeline``: ``transformers.pipeline("image-classification")`` on PIL images.
 * (e) ``clip_checker``: diffusers' ``StableDiffusionSafetyChecker`` fed exactly as
   ``StableDiffusionPipeline.run_safety_checker`` feeds it (decoded tensor -> PIL ->
@@ -16,7 +18,6 @@ or flags on the device.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path as FsPath
 from types import SimpleNamespace
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nsfw_safety import load_detector
+from nsfw_safety import LEVELS, load_detector
+from nsfw_safety.detector import resolve_dtype
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Path:
     make_input: Callable[[int], Any]
     run: Callable[[Any], Any]
     module: torch.nn.Module | None = None  # the weights the path holds on the device
+    default: bool = False  # the path as its users get it: the dtype it picks by itself
 
 
 def decoded(batch: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -54,31 +57,32 @@ def lib_path(key: str, label: str, checkpoint: FsPath, device: torch.device, dty
              max_batch: int, compile: bool | str = False) -> Path:
     """(a)/(b): the library's tensor path; inputs are decoded tensors in the compute dtype."""
     det = load_detector(str(checkpoint), device=device, dtype=dtype, compile=compile, max_batch_size=max_batch)
-    return Path(key, label, dtype, lambda b: decoded(b, size, device, dtype),
-                lambda x: det.predict(x, value_range=(-1.0, 1.0)).probs, det.model)
+    default = dtype == resolve_dtype("auto", device) and not compile
+    return Path(key, label + (" (default)" if default else ""), dtype, lambda b: decoded(b, size, device, dtype),
+                lambda x: det.predict(x, value_range=(-1.0, 1.0)).probs, det.model, default)
 
 
-def reference_path(checkpoint: FsPath, device: torch.device, dtype: torch.dtype, size: int) -> Path:
-    """(c): the EVA authors' path, with the checkpoint's weights loaded into a plain timm model."""
-    import timm
-    from safetensors.torch import load_file
-    from timm.data import create_transform, resolve_data_config
+def freepik_detector(checkpoint: FsPath, device: torch.device, dtype: torch.dtype | None):
+    """Freepik's ``NSFWDetector`` on the checkpoint directory; ``dtype=None`` keeps its default."""
+    from nsfw_image_detector import NSFWDetector
 
-    config = json.loads((checkpoint / "config.json").read_text())
-    model = timm.create_model(config["architecture"], pretrained=False, num_classes=len(config["label_names"]),
-                              **(config.get("model_args") or {}))
-    state = {k.removeprefix("timm_model."): v for k, v in load_file(checkpoint / "model.safetensors").items()}
-    model.load_state_dict(state)
-    model.to(device, dtype).eval()
-    transform = create_transform(**resolve_data_config(pretrained_cfg=config["pretrained_cfg"]))
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return NSFWDetector(model_name=str(checkpoint), device=str(device), **kwargs)
 
-    def run(images: list[Image.Image]) -> torch.Tensor:
-        with torch.inference_mode():
-            x = torch.stack([transform(im) for im in images]).to(device, dtype)
-            return model(x).float().softmax(-1)
 
-    return Path("c_reference", f"(c) reference: PIL + timm transform + timm, {_name(dtype)}", dtype,
-                lambda b: pil_images(b, size), run, model)
+def freepik_path(checkpoint: FsPath, device: torch.device, dtype: torch.dtype | None, size: int) -> Path:
+    """(c): Freepik's package, on its defaults (``dtype=None``) or in ``dtype``."""
+    from importlib.metadata import version
+
+    det = freepik_detector(checkpoint, device, dtype)
+    label = f"(c) Freepik nsfw-image-detector {version('nsfw-image-detector')}, {_name(det.dtype)}"
+    return Path("c_freepik", label + (" (its default)" if dtype is None else ""), det.dtype,
+                lambda b: pil_images(b, size), det.predict_proba, det.model, dtype is None)
+
+
+def freepik_levels(scores: list[dict]) -> torch.Tensor:
+    """``predict_proba``'s dicts (keyed by its ``NSFWLevel``) -> (B, 4) levels in ``LEVELS`` order."""
+    return torch.tensor([[{k.value: v for k, v in d.items()}[level] for level in LEVELS] for d in scores])
 
 
 def hf_pipeline_path(checkpoint: FsPath, device: torch.device, dtype: torch.dtype, size: int) -> Path:

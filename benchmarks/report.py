@@ -11,17 +11,23 @@ def _f(value: float | None, digits: int = 1) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     meta, arith = result["meta"], result["arithmetic"]
+    bf16 = meta["cpu_bf16"]
+    cpu_bf16 = (f"native bf16 ({', '.join(f for f in bf16['flags'] if 'bf16' in f)})" if bf16["native"] else
+                f"no native bf16 ({', '.join(bf16['flags']) or 'no flags read'}; no avx512_bf16 or amx_bf16)")
     lines = [
-        f"# nsfw-safety benchmark: {meta['device_name']}{' (smoke run: tiny models)' if meta['smoke'] else ''}",
+        f"# nsfw-safety benchmark: {meta['device_name']}{' (smoke run: tiny models)' if meta['smoke'] else ''}"
+        + (" (--quick)" if meta.get("quick") else ""),
         "",
         f"{meta['date']} · torch {meta['torch']} · timm {meta['timm']} · transformers {meta['transformers']} · "
-        f"diffusers {meta['diffusers']}" + (f" · CUDA {meta['cuda']}" if meta["cuda"] else "")
+        f"diffusers {meta['diffusers']} · nsfw-image-detector {meta['nsfw_image_detector'] or 'not installed'}"
+        + (f" · CUDA {meta['cuda']}" if meta["cuda"] else "")
         + f" · {meta['cpu_threads']} CPU threads · load average {meta['load_average_start'][0]:.1f} at start",
         "",
+        f"CPU: {cpu_bf16}, so `dtype=\"auto\"` is {meta['default_dtype']} on {meta['device']}. "
         f"Model: {meta['model']}. Input: decoded {meta['image_size']}x{meta['image_size']} images "
         f"(tensors in [-1, 1], or PIL for (c), (d)). "
         f"Median of {meta['repeats']} timed calls after warm-up (the paths take turns, call by call), "
-        f"fresh random images every call.",
+        f"fresh random images every call. \"(default)\": the path as its users get it.",
         "",
         "| path | batch | latency (ms) | images/s | peak memory (MiB) | TFLOP/s | of matmul peak |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -47,12 +53,16 @@ def markdown(result: dict[str, Any]) -> str:
     if meta["device"] == "cpu":
         lines.append(f"Peak memory per row is not measured on the CPU (n/a); the process's peak RSS was "
                      f"{meta.get('peak_rss_mib', 0):,.0f} MiB.")
-    if result["parity"]:
-        lines.append(f"Parity: (a) and (c) on the same {result['parity']['images']} images differ by at most "
-                     f"{result['parity']['max_abs_prob_diff']:.2e} in probability (fp32).")
+    parity = result["parity"]
+    if parity and "error" in parity:
+        lines.append(f"Parity: not measured ({parity['error'][:80]}).")
+    elif parity:
+        lines.append(f"Parity: (a) and (c) on the same {parity['images']} images differ by at most "
+                     f"{parity['max_abs_level_diff']:.2e} in level score (fp32).")
     if result["preprocessing"]:
         lines += ["", "Preprocessing alone (decoded image to model input):", "",
-                  "| batch | (a) tensors, on the device (ms) | (c) PIL + timm transform (ms) |", "|---:|---:|---:|"]
+                  f"| batch | (a) tensors, on the device, {result['preprocessing'][0]['dtype']} (ms) "
+                  f"| (c) Freepik: PIL + timm transform (ms) |", "|---:|---:|---:|"]
         lines += [f"| {p['batch']} | {_f(p['lib_ms'], 2)} | {_f(p['reference_ms'], 2)} |"
                   for p in result["preprocessing"]]
     sd = result.get("sd_pipeline")
@@ -69,4 +79,28 @@ def markdown(result: dict[str, Any]) -> str:
             else:
                 lines.append(f"| {names[r['variant']]} | {_f(r['pipeline_s'], 3)} | {_f(r['checker_s'], 3)} | "
                              f"{r['share_pct']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The numbers the targets are set on: each path at the largest batch, (a) and (b) against (c)
+    on its defaults, and the checker's share of the pipeline."""
+    meta = result["meta"]
+    rows = [r for r in result["rows"] if "error" not in r]
+    lines = []
+    for b in sorted({r["batch"] for r in rows}, reverse=True):
+        at = [r for r in rows if r["batch"] == b]
+        c = next((r for r in at if r["key"] == "c_freepik" and r["default"]), None)
+        if b == max(meta["batch_sizes"]):
+            lines.append(f"At batch {b} on {meta['device_name']}:")
+            lines += [f"  {r['label']}: {r['images_per_s']:,.2f} images/s" for r in at]
+        if c is None:
+            continue
+        for r in at:
+            if r["key"][0] in "ab" and (r["default"] or r["key"][0] == "b"):
+                lines.append(f"  batch {b}: {r['label']} is {r['images_per_s'] / c['images_per_s']:.2f}x "
+                             f"(c) on its defaults")
+    for r in (result.get("sd_pipeline") or {}).get("rows", []):
+        if "error" not in r and r["variant"] != "none":
+            lines.append(f"  pipeline share, {r['variant']}: {r['share_pct']:.2f}%")
     return "\n".join(lines) + "\n"

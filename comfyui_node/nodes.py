@@ -135,7 +135,7 @@ NODES: tuple[Node, ...] = (
          "Loads an NSFW image classifier (cached: re-running the workflow does not reload it).",
          "load", run_loader,
          inputs=(Input("model", COMBO, _MODEL_TOOLTIP, default=DEFAULT_MODEL, choices=management.model_choices),
-                 Input("dtype", COMBO, "auto: bf16 on a GPU, fp32 on the CPU", default="auto",
+                 Input("dtype", COMBO, "auto: bf16 on a GPU and on CPUs with native bf16, fp32 elsewhere", default="auto",
                        choices=lambda: management.DTYPES)),
          outputs=(Output(DETECTOR, "detector", "the classifier, for the filter and switch nodes"),)),
     Node("NSFWSafetyFilter", "NSFW Safety Filter", CATEGORY,

@@ -8,6 +8,7 @@ library's only global state.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 import os
@@ -31,10 +32,42 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
+#: CPU features that multiply bf16 in hardware: AVX512-BF16 (Cooper Lake, Zen 4+) and AMX (Sapphire Rapids+).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_capabilities() -> dict[str, Any]:
+    """This CPU's feature flags: ``torch.cpu.get_capabilities()`` (cpuinfo's CPUID reading), or on a
+    torch without it, the flags line of /proc/cpuinfo (Linux); empty where neither exists."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        return dict(get())
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {flag: True for flag in flags}
+
+
+def cpu_bf16_native() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), as torch reports it.
+
+    The flags, not a timing probe, decide: they are what oneDNN dispatches its bf16 kernels on,
+    they cost nothing to read, and they give the same answer on every run (a probe on a shared
+    machine would not). Without them, bf16 is emulated and several times slower than fp32.
+    """
+    caps = _cpu_capabilities()
+    return any(caps.get(flag) for flag in NATIVE_BF16_FLAGS)
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """None or "auto": bf16 on CUDA, fp32 elsewhere."""
+    """None or "auto": bf16 on CUDA and on CPUs with native bf16 (:func:`cpu_bf16_native`),
+    fp32 elsewhere."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_bf16_native())
+        return torch.bfloat16 if native else torch.float32
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
@@ -259,7 +292,8 @@ def load_detector(model: str | os.PathLike = DEFAULT_MODEL, *, revision: str | N
         revision, token, cache_dir, local_files_only: passed to the hub download.
             ``HF_HUB_OFFLINE=1`` is honoured.
         device: default CUDA when available, else CPU.
-        dtype: default ``"auto"``: bf16 on CUDA, fp32 on CPU.
+        dtype: default ``"auto"``: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX),
+            fp32 elsewhere.
         compile: wrap the model in ``torch.compile`` (best with a fixed batch size); a string
             picks its mode, e.g. ``"reduce-overhead"`` (CUDA graphs) or ``"max-autotune"``.
         max_batch_size: larger inputs are scored in chunks of this size; halved on CUDA OOM.

@@ -69,7 +69,8 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         guard: the filter that scores and censors.
         dtype: the compute dtype, kept whatever dtype the pipeline casts its components to;
             default: the detector's own if it was loaded in a non-default dtype, else "auto"
-            (bf16 on CUDA, fp32 elsewhere, re-applied whenever the checker changes device).
+            (bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere, re-applied whenever the
+            checker changes device).
         model: the detector reference to record in the saved config (default: the detector's id).
 
     ``device`` is where the detector runs. ``dtype`` is the dtype the pipeline last cast its
@@ -131,8 +132,8 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
             action, on_error, blur_strength, block, color, placeholder: as for :class:`SafetyFilter`.
             revision, token, cache_dir, local_files_only, device, compile, max_batch_size: as for
                 :func:`nsfw_safety.load_detector`.
-            dtype: the compute dtype (default "auto": bf16 on CUDA, fp32 elsewhere), kept whatever
-                the pipeline's ``torch_dtype`` is.
+            dtype: the compute dtype (default "auto": bf16 on CUDA and on CPUs with native bf16,
+                fp32 elsewhere), kept whatever the pipeline's ``torch_dtype`` is.
             torch_dtype: the pipeline's dtype, only reported as :attr:`dtype` (diffusers passes
                 it when it loads a saved pipeline).
             loader_kwargs: the rest of what diffusers' pipeline loader passes (``device_map``,

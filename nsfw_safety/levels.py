@@ -224,23 +224,29 @@ class Policy:
         scores are invalid is flagged, with the problem as its reason.
         """
         rules = self.rules
-        columns = [self.flag(scores.levels, scores.valid)[:, None].float(), scores.levels.float(),
-                   scores.status[:, None].float()]
+        valid = scores.valid
+        # per rule, the device's own comparison: the host must not redo it (a float32 score equal
+        # to its threshold compares differently once widened to a Python float)
+        hits = [(scores.levels[:, LEVELS.index(level)] >= t) & valid for level, t in rules.items()]
+        columns = [*(h[:, None] for h in hits), scores.levels, valid[:, None],
+                   (scores.status == NONFINITE_OUTPUT)[:, None]]
         if scores.composite is not None:
-            columns.append(scores.composite.float())
-        host = torch.cat([c.to(scores.levels.device) for c in columns], dim=1).cpu().tolist()
+            columns.append(scores.composite)
+        device = scores.levels.device
+        host = torch.cat([c.to(device, torch.float32) for c in columns], dim=1).cpu().tolist()
+        r = len(rules)
         flagged, reasons, problems = [], [], []
         for row in host:
-            hit, levels, status, view = row[0] > 0, row[1:5], int(row[5]), [int(v) for v in row[6:10]]
-            problem = _PROBLEMS.get(status)
-            flagged.append(hit)
+            hit, levels, view = row[:r], row[r : r + 4], [int(v) for v in row[r + 6 :]]
+            problem = None if row[r + 4] else _PROBLEMS[NONFINITE_OUTPUT if row[r + 5] else NONFINITE_INPUT]
+            flagged.append(problem is not None or any(hit))
             problems.append(problem)
             if problem is not None:
                 reasons.append(problem)
                 continue
             parts = [(level, levels[LEVELS.index(level)], t) for level, t in rules.items()]
-            if hit:
-                level, s, t = next(p for p in parts if p[1] >= p[2])
+            if any(hit):
+                level, s, t = parts[[bool(h) for h in hit].index(True)]
                 shown = view[LEVELS.index(level)] if view else 0
                 reasons.append(f"{level} {s:.2f} >= {t:.2f}" + (f" ({VIEW_NAMES[shown]})" if shown else ""))
             else:

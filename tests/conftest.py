@@ -14,6 +14,18 @@ from checkpoints import write_eva, write_vit  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_without_native_bf16():
+    """dtype="auto" on the CPU means bf16 where the CPU has native bf16, fp32 elsewhere; the suite
+    pins the second so its results do not depend on the machine (tests/test_detector.py checks
+    both decisions). Session-wide, so that module and session fixtures see it too."""
+    from nsfw_safety import detector
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(detector, "_cpu_capabilities", lambda: {"avx2": True})
+        yield
+
+
 @pytest.fixture(scope="session")
 def eva_dir(tmp_path_factory):
     """Tiny EVA02 TimmWrapper checkpoint; scores spread over (0, 1)."""

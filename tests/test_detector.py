@@ -3,6 +3,7 @@
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from huggingface_hub import constants
 from nsfw_safety import LEVELS, REGISTRY, ModelLoadError, load_detector
 from nsfw_safety import detector as detector_module
 from nsfw_safety import device_cache
-from nsfw_safety.detector import _CACHE, resolve_dtype
+from nsfw_safety.detector import _CACHE, NATIVE_BF16_FLAGS, cpu_bf16_native, resolve_dtype
+from nsfw_safety.detector import _cpu_capabilities as real_cpu_capabilities  # before conftest pins it
 from nsfw_safety.levels import level_matrix
 from nsfw_safety.models import load_model
 
@@ -198,6 +200,43 @@ def test_dtype_resolution():
     assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("int8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("flags, native", [
+    ({"avx2": True, "avx512_f": True}, False),  # AVX-512 without BF16 (Skylake, Zen 3): emulated bf16
+    ({"avx512_f": True, "avx512_bf16": True}, True),  # Cooper Lake, Zen 4
+    ({"amx_tile": True, "amx_bf16": True}, True),  # Sapphire Rapids
+    ({"avx512_bf16": False, "amx_bf16": False}, False),
+    ({}, False),  # nothing known: the safe default
+])
+def test_auto_dtype_on_the_cpu_follows_native_bf16(monkeypatch, eva_dir, flags, native):
+    monkeypatch.setattr(detector_module, "_cpu_capabilities", lambda: flags)
+    assert cpu_bf16_native() is native
+    expected = torch.bfloat16 if native else torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == resolve_dtype(None, torch.device("cpu")) == expected
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16  # CUDA: bf16 whatever the CPU
+    assert resolve_dtype("auto", torch.device("mps")) == torch.float32
+    assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # an explicit dtype always wins
+    assert load_detector(str(eva_dir), device="cpu").dtype == expected
+
+
+def test_cpu_capabilities_are_the_cpus_own_flags(monkeypatch):
+    proc = Path("/proc/cpuinfo")
+    if not proc.is_file():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    line = next((ln for ln in proc.read_text().splitlines() if ln.startswith("flags")), None)
+    if line is None:
+        pytest.skip("/proc/cpuinfo has no flags line (not x86)")
+    flags = set(line.split(":", 1)[1].split())
+    for reading in (real_cpu_capabilities(), _without_torch_capabilities(monkeypatch)):
+        for flag in (*NATIVE_BF16_FLAGS, "avx2"):
+            assert bool(reading.get(flag)) == (flag in flags), flag
+
+
+def _without_torch_capabilities(monkeypatch):
+    """The reading on a torch without ``torch.cpu.get_capabilities`` (the /proc/cpuinfo fallback)."""
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    return real_cpu_capabilities.__wrapped__()
 
 
 def test_bf16_on_cpu_runs(eva_dir):

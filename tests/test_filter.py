@@ -504,3 +504,16 @@ def test_cuda_input_stays_on_cuda(eva_nsfw_dir, eva_safe_dir, detector_device):
     assert torch.allclose(out.images.float().cpu(), want, atol=4e-3)
     out = SafetyFilter(load_detector(str(eva_safe_dir), device=detector_device))(x, value_range=(-1, 1))
     assert out.flagged == [False, False] and out.images is x
+
+
+def test_a_score_equal_to_its_threshold_is_flagged_with_a_reason():
+    """float32(0.7) >= 0.7 on the device; widened to a Python float it is 0.69999998 < 0.7. The
+    verdict uses the device's comparison, so the reason names the rule instead of failing."""
+    from nsfw_safety.levels import Policy, Scores
+
+    levels = torch.tensor([[0.3, 0.7, 0.7, 0.7], [0.9, 0.1, 0.1, 0.1]])
+    scores = Scores(levels[:, :2].clone(), levels, ("a", "b"), torch.zeros(2, dtype=torch.int8))
+    verdict = Policy("medium", 0.7).decide(scores)
+    assert verdict.flagged == [True, False]
+    assert verdict.reasons == ["medium 0.70 >= 0.70", "medium 0.10 < 0.70"]
+    assert verdict.problems == [None, None]
