@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-ACTIONS = ("blur", "pixelate", "black", "placeholder", "none")
+from .vocabulary import ACTIONS
 #: Gaussian sigma as a fraction of the longer side: 41 px on 512 px; shapes become colour fields.
 DEFAULT_BLUR = 0.08
 #: Pixelation block as a fraction of the longer side: 43 px blocks on 512 px.

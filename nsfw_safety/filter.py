@@ -15,6 +15,7 @@ from . import inputs as _inputs
 from .censor import ACTIONS, DEFAULT_BLOCK, DEFAULT_BLUR, censor, check_color
 from .detector import Detector, Scores
 from .levels import Policy
+from .vocabulary import DEFAULT_ACTION, DEFAULT_LEVEL, DEFAULT_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ class SafetyFilter:
             built-in "content hidden" card.
     """
 
-    def __init__(self, detector: Detector, level: str = "medium", threshold: float = 0.5, *,
-                 thresholds: Mapping[str, float] | None = None, action: str = "blur",
+    def __init__(self, detector: Detector, level: str = DEFAULT_LEVEL, threshold: float = DEFAULT_THRESHOLD, *,
+                 thresholds: Mapping[str, float] | None = None, action: str = DEFAULT_ACTION,
                  on_error: str = "block", blur_strength: float = DEFAULT_BLUR,
                  block: float = DEFAULT_BLOCK, color: Sequence[float] = (0.0, 0.0, 0.0),
                  placeholder: Any = None):
