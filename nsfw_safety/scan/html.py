@@ -123,12 +123,12 @@ class HtmlReport:
         self.thumbs = thumbs
         self.thumb_size = thumb_size
         self._spools = {s: tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+", encoding="utf-8")
-                        for s in ("flagged", "ok")}
-        self._counts = {"flagged": 0, "ok": 0}
+                        for s in ("flagged", "ok", "earlier")}
+        self._counts = {"flagged": 0, "ok": 0, "earlier": 0}
         self._scores: list[list[float]] = []
         self._errors: list[tuple[str, str, str]] = []
 
-    def add(self, row: dict[str, Any], image: Image.Image | None) -> None:
+    def add(self, row: dict[str, Any], image: Image.Image | None, earlier: bool = False) -> None:
         """Add the entry of one file.
 
         Args:
@@ -136,36 +136,41 @@ class HtmlReport:
             image: what to show: the censored image for a flagged file, the image itself
                 for a clean one; None for an error, or a file scored in an earlier run (whose
                 thumbnail is then taken from ``thumbs``).
+            earlier: a row of the report for a file that is no longer under the scanned paths
+                (moved to the quarantine, or removed); listed apart, outside the statistics.
         """
-        if row["status"] == "error":
+        kind = row["status"]
+        if kind == "error" and not earlier:
             self._errors.append((row["path"], row["reason"], row["moved_to"]))
             return
-        self._scores.append([row[k] for k in NSFW_LEVELS])
-        kind = row["status"]
         jpeg = None
         if image is not None:
             jpeg = thumbnail_jpeg(image, self.thumb_size)
             if self.thumbs is not None:
                 self.thumbs.put(row, jpeg)
-        elif self.thumbs is not None:
+        elif self.thumbs is not None and kind != "error":
             jpeg = self.thumbs.get(row)
         if jpeg is not None:
             thumb = f'<img src="{_data_uri(jpeg)}" alt="">'
         else:
-            thumb = "<span>no thumbnail: scored in an earlier run</span>"
-        bars = "".join(
+            thumb = f"<span>{'not checked' if kind == 'error' else 'no thumbnail: scored in an earlier run'}</span>"
+        bars = "" if kind == "error" else "".join(
             f'<div class="bar"><label>{k}</label><i><s style="width:{100 * row[k]:.1f}%"></s></i>'
             f"<em>{row[k]:.2f}</em></div>" for k in LEVELS)
         action = row["action"] if row["action"] != "none" else ""
         where = row["moved_to"] or row["output"]
-        self._spools[kind].write(
+        self._spools["earlier" if earlier else kind].write(
             f'<div class="card entry {kind}" data-path="{_e(encode_path(row["path"]))}" data-status="{kind}">'
             f'<div class="thumb">{thumb}</div><div class="path">{_e(_display_path(row["path"]))}</div>'
             f'<div class="bars">{bars}</div><div class="reason">{_e(row["reason"])}</div>'
             + (f'<div class="reason">{_e(action)}{" &rarr; " + _e(_display_path(where)) if where else ""}</div>'
                if action else "")
             + "</div>\n")
-        self._counts[kind] += 1
+        if earlier:
+            self._counts["earlier"] += 1
+        else:
+            self._scores.append([row[k] for k in NSFW_LEVELS])
+            self._counts[kind] += 1
 
     def write(self, summary: dict[str, Any]) -> None:
         """Write the page: summary, histograms, errors, flagged then clean entries."""
@@ -201,7 +206,10 @@ class HtmlReport:
         def page(fh) -> None:
             out = io.TextIOWrapper(fh, encoding="utf-8")
             out.write("\n".join(parts))
-            for kind, title in (("flagged", "Flagged"), ("ok", "Clean")):
+            for kind, title in (("flagged", "Flagged"), ("ok", "Clean"),
+                                ("earlier", "In the report, no longer under the scanned paths (moved or removed)")):
+                if kind == "earlier" and not self._counts[kind]:
+                    continue
                 out.write(f"<h2>{title} ({self._counts[kind]})</h2>")
                 if not self._counts[kind]:
                     out.write("<p class='none'>none</p>")

@@ -337,13 +337,15 @@ def scan(opts: ScanOptions, progress: Callable[[int], Any] | None = None) -> dic
         else:
             previous = {}
         _clean_outputs(opts)
+        settings = None
+        if previous:
+            settings = _settings(opts, resolved=True)
+            check_settings(previous.values(), settings, report_path)
+            for path, row in list(previous.items()):  # moves announced by a killed run, before the walk
+                if row["moved_to"] and not outputs.recover_move(row):
+                    del previous[path]  # the move did not happen: the file is scanned again
         files = list(walk([str(p) for p in opts.paths], [str(p) for p in exclude]))
-
-        settings = _settings(opts, resolved=bool(files or previous))
-        check_settings(previous.values(), settings, report_path)
-        for path, row in list(previous.items()):  # moves announced by a killed run
-            if row["moved_to"] and not outputs.recover_move(row):
-                del previous[path]  # the move did not happen: the file is scanned again
+        settings = settings or _settings(opts, resolved=bool(files))
 
         skipped, todo = [], []
         for f in files:
@@ -383,6 +385,11 @@ def scan(opts: ScanOptions, progress: Callable[[int], Any] | None = None) -> dic
         except KeyboardInterrupt:
             interrupted = True
         seconds = time.perf_counter() - t1
+        if html is not None:  # the page reviews the whole report
+            walked = {f.path for f in files}
+            for path, row in previous.items():
+                if path not in walked:
+                    html.add(row, None, earlier=True)
         if writer is not None:
             writer.close()
             if not interrupted:

@@ -81,6 +81,9 @@ def walk(roots: Sequence[str], exclude: Sequence[str] = ()) -> Iterator[Found]:
             if not os.path.lexists(top):
                 yield Found(os.path.abspath(top), Path(os.path.basename(top)),
                             error=f"error: {top!r} does not exist", movable=False)
+            elif is_temp(os.path.basename(top)):
+                yield Found(os.path.abspath(top), Path(os.path.basename(top)), movable=False,
+                            error="error: a temporary file of a running nsfw-safety scan: not scanned")
             elif (found := entry(top, Path(os.path.basename(top)))) is not None:
                 yield found
             continue
