@@ -74,7 +74,7 @@ def remove_stale_temps(folder: str | os.PathLike, names: list[str] | None = None
 
 
 def write_atomic(target: str | os.PathLike, write: Callable[[BinaryIO], None], *, overwrite: bool,
-                 keep: os.stat_result | None = None, reuse_identical: bool = False) -> Path:
+                 keep: os.stat_result | None = None, reuse_identical: bool = False, sync: bool = True) -> Path:
     """Write a file in one step: ``write(fh)`` fills a temporary file beside ``target``, which is
     synced and then renamed over ``target`` (``overwrite=True``) or published under the first
     free name of ``target``, ``name-1.ext``, ``name-2.ext``... (``overwrite=False``, a hard link:
@@ -89,6 +89,7 @@ def write_atomic(target: str | os.PathLike, write: Callable[[BinaryIO], None], *
         reuse_identical: with ``overwrite=False``, a taken name whose bytes equal the new file's
             is returned instead of adding a ``-N`` copy (so a re-run after a kill does not
             duplicate its outputs).
+        sync: fsync before the rename (a kill never needs it; a power cut does). Thumbnails skip it.
     Returns:
         The path written.
     Raises:
@@ -103,7 +104,8 @@ def write_atomic(target: str | os.PathLike, write: Callable[[BinaryIO], None], *
             fh.flush()
             if keep is not None:
                 _keep_metadata(fh.fileno(), keep)
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         if overwrite:
             os.replace(tmp, target)
             return target

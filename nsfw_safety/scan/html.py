@@ -54,7 +54,7 @@ class ThumbStore:
         return hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32]
 
     def put(self, row: dict[str, Any], jpeg: bytes) -> None:
-        write_atomic(self.folder / f"{self.key(row)}.jpg", lambda fh: fh.write(jpeg), overwrite=True)
+        write_atomic(self.folder / f"{self.key(row)}.jpg", lambda fh: fh.write(jpeg), overwrite=True, sync=False)
 
     def get(self, row: dict[str, Any]) -> bytes | None:
         try:

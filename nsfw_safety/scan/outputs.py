@@ -75,10 +75,10 @@ def copy_file(src: str, target: Path) -> Path:
     def write(fh) -> None:
         with open(src, "rb") as inp:
             shutil.copyfileobj(inp, fh, 1 << 20)
+        fh.flush()
+        shutil.copystat(src, fh.name)
 
-    out = write_atomic(target, write, overwrite=False, reuse_identical=True)
-    shutil.copystat(src, out)
-    return out
+    return write_atomic(target, write, overwrite=False, reuse_identical=True)
 
 
 def overwrite(path: str, image: Image.Image, original: Image.Image, force: bool) -> os.stat_result:

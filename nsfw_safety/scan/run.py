@@ -132,17 +132,15 @@ class _Tally:
         self.status[row["status"]] += 1
         self.skipped += skipped
         self.scanned += not skipped
-        entry = {"path": encode_path(row["path"]), "reason": row["reason"]}
-        if row["moved_to"] or row["output"]:
-            entry["to"] = encode_path(row["moved_to"] or row["output"])
-        if row["status"] == "error":
-            if len(self.errors) < LISTED:
-                self.errors.append(entry)
-            return
-        if row["status"] == "flagged" and len(self.flagged) < LISTED:
-            self.flagged.append(entry)
-        for level, t in self.thresholds.items():
-            self.by_level[level] += row[level] >= t
+        listed = {"error": self.errors, "flagged": self.flagged}.get(row["status"])
+        if listed is not None and len(listed) < LISTED:
+            entry = {"path": encode_path(row["path"]), "reason": row["reason"]}
+            if row["moved_to"] or row["output"]:
+                entry["to"] = encode_path(row["moved_to"] or row["output"])
+            listed.append(entry)
+        if row["status"] != "error":
+            for level, t in self.thresholds.items():
+                self.by_level[level] += row[level] >= t
 
 
 class _Batches:
@@ -206,16 +204,16 @@ class _Batches:
                 row.update(size=st.st_size, mtime_ns=st.st_mtime_ns, output=f.path)
                 done.append(action)
         except outputs.OutputError as e:
-            row.update(status="error", flagged=True, reason=f"{reason}; error: {e.strerror}", _keep=True)
+            row.update(status="error", flagged=True, reason=f"{reason}; error: {e.strerror}", _stays=True)
         except Exception as e:  # disk full, a mode the format cannot store...: an error row, not a crash
-            row.update(status="error", flagged=True, reason=f"{reason}; error writing output: {e}", _keep=True)
+            row.update(status="error", flagged=True, reason=f"{reason}; error writing output: {e}", _stays=True)
         row["action"] = "+".join(done) or "none"
         return row
 
     def _plan_move(self, row: dict[str, Any]) -> bool:
         """Name the quarantine target of a flagged or unreadable file in its row."""
         f: Found = row["_file"]
-        if (self.opts.move_flagged is None or not row["flagged"] or not f.movable or row.get("_keep")
+        if (self.opts.move_flagged is None or not row["flagged"] or not f.movable or row.get("_stays")
                 or not os.path.lexists(f.path)):
             return False  # (an output failed: the original stays where it is)
         target = outputs.free_name(self.opts.move_flagged / f.rel, self.claimed)
