@@ -509,16 +509,40 @@ def test_in_place_as_another_user(shared, eva_nsfw_dir, zygote):
 
 # --- exit codes and failures (#13 scan 7) ------------------------------------------------------
 
+def _tmpfs(mnt: Path, size: str):
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A 256 KiB tmpfs (root only); skipped where it cannot be mounted."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
+    yield from _tmpfs(tmp_path / "small", "256k")
+
+
+@pytest.fixture
+def other_fs(tmp_path):
+    """Another file system (an 8 MiB tmpfs; root only)."""
+    yield from _tmpfs(tmp_path / "other", "8m")
+
+
+def test_move_across_file_systems(tmp_path, other_fs, eva_nsfw_dir, capsys):
+    root, report = tmp_path / "in", tmp_path / "r.csv"
+    before = {digest(noise(root / f"sub/{i}.png", i)): i for i in range(3)}
+    (root / "sub/link.png").symlink_to(tmp_path / "elsewhere.png")
+    noise(tmp_path / "elsewhere.png", 9)
+    code, s, _ = scan(capsys, root, "--model", eva_nsfw_dir, "--move-flagged", other_fs / "q", "--report", report)
+    rows = rows_by_name(report)
+    assert {digest(p): int(p.stem) for p in (other_fs / "q/sub").glob("[0-9].png")} == before
+    assert sorted(p.name for p in (root / "sub").iterdir()) == ["link.png"]  # originals gone, link stays
+    assert all(rows[f"{i}.png"]["moved_to"] == str(other_fs / f"q/sub/{i}.png") for i in range(3))
+    assert code == 2 and "error moving: [Errno 18] a link is not moved to another file system" in \
+        rows["link.png"]["reason"]
+    assert not [p for p in (other_fs / "q/sub").iterdir() if p.name.startswith(TEMP_PREFIX)]
 
 
 def _fill(folder: Path) -> None:

@@ -74,7 +74,8 @@ def remove_stale_temps(folder: str | os.PathLike, names: list[str] | None = None
 
 
 def write_atomic(target: str | os.PathLike, write: Callable[[BinaryIO], None], *, overwrite: bool,
-                 keep: os.stat_result | None = None, reuse_identical: bool = False, sync: bool = True) -> Path:
+                 keep: os.stat_result | None = None, reuse_identical: bool = False, numbered: bool = True,
+                 sync: bool = True) -> Path:
     """Write a file in one step: ``write(fh)`` fills a temporary file beside ``target``, which is
     synced and then renamed over ``target`` (``overwrite=True``) or published under the first
     free name of ``target``, ``name-1.ext``, ``name-2.ext``... (``overwrite=False``, a hard link:
@@ -89,6 +90,8 @@ def write_atomic(target: str | os.PathLike, write: Callable[[BinaryIO], None], *
         reuse_identical: with ``overwrite=False``, a taken name whose bytes equal the new file's
             is returned instead of adding a ``-N`` copy (so a re-run after a kill does not
             duplicate its outputs).
+        numbered: with ``overwrite=False``, False raises ``FileExistsError`` when ``target`` is
+            taken instead of trying ``-N`` names.
         sync: fsync before the rename (a kill never needs it; a power cut does). Thumbnails skip it.
     Returns:
         The path written.
@@ -109,7 +112,7 @@ def write_atomic(target: str | os.PathLike, write: Callable[[BinaryIO], None], *
         if overwrite:
             os.replace(tmp, target)
             return target
-        return publish(tmp, target, reuse_identical=reuse_identical)
+        return publish(tmp, target, reuse_identical=reuse_identical, numbered=numbered)
     finally:
         try:
             os.unlink(tmp)
@@ -128,9 +131,11 @@ def _keep_metadata(fd: int, st: os.stat_result) -> None:
     os.fchmod(fd, stat.S_IMODE(st.st_mode))
 
 
-def publish(tmp: str | os.PathLike, target: str | os.PathLike, *, reuse_identical: bool = False) -> Path:
+def publish(tmp: str | os.PathLike, target: str | os.PathLike, *, reuse_identical: bool = False,
+            numbered: bool = True) -> Path:
     """Give the complete file ``tmp`` the first free name among ``target``, ``target-1``...
-    without ever replacing an existing file; ``tmp`` itself is left for the caller to remove."""
+    (only ``target`` unless ``numbered``) without ever replacing an existing file; ``tmp``
+    itself is left for the caller to remove."""
     target = Path(target)
     for n in itertools.count():
         candidate = target if n == 0 else target.with_name(f"{target.stem}-{n}{target.suffix}")
@@ -140,6 +145,8 @@ def publish(tmp: str | os.PathLike, target: str | os.PathLike, *, reuse_identica
         except FileExistsError:
             if reuse_identical and os.path.isfile(candidate) and filecmp.cmp(tmp, candidate, shallow=False):
                 return candidate
+            if not numbered:
+                raise
     raise AssertionError("unreachable")
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from .files import link_no_clobber, temp_beside, write_atomic
+from .files import link_no_clobber, write_atomic
 
 
 class OutputError(OSError):
@@ -70,15 +70,19 @@ def write_censored(image: Image.Image, original: Image.Image, target: Path) -> P
     return write_atomic(target, _encoder(image, original, target), overwrite=False, reuse_identical=True)
 
 
-def copy_file(src: str, target: Path) -> Path:
-    """Copy ``src`` byte for byte (and its times) to ``target`` or a free ``-N`` name."""
+def _copier(src: str):
+    """A writer of the bytes, permission bits and times of the file ``src``."""
     def write(fh) -> None:
         with open(src, "rb") as inp:
             shutil.copyfileobj(inp, fh, 1 << 20)
         fh.flush()
         shutil.copystat(src, fh.name)
+    return write
 
-    return write_atomic(target, write, overwrite=False, reuse_identical=True)
+
+def copy_file(src: str, target: Path) -> Path:
+    """Copy ``src`` byte for byte (and its times) to ``target`` or a free ``-N`` name."""
+    return write_atomic(target, _copier(src), overwrite=False, reuse_identical=True)
 
 
 def overwrite(path: str, image: Image.Image, original: Image.Image, force: bool) -> os.stat_result:
@@ -122,18 +126,9 @@ def move(src: str, target: Path) -> None:
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-        tmp = temp_beside(target)
-        try:
-            shutil.copy2(src, tmp, follow_symlinks=False)
-            if not os.path.islink(tmp):
-                with open(tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
-            link_no_clobber(tmp, target)
-        finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        if os.path.islink(src):
+            raise OSError(errno.EXDEV, "a link is not moved to another file system") from None
+        write_atomic(target, _copier(src), overwrite=False, numbered=False)
     try:
         os.unlink(src)
     except FileNotFoundError:  # renamed (no hard links on this file system)
