@@ -3,17 +3,46 @@
     from nsfw_safety import load_detector, SafetyFilter
     guard = SafetyFilter(load_detector("eva"), level="medium", threshold=0.5, action="blur")
     out = guard(images)        # out.images, out.flagged, out.scores, out.reasons
+
+The public names are imported on first use, so that ``import nsfw_safety`` (and the command
+line's ``--help``) does not pay for torch, timm and transformers until a model is needed.
 """
 
-from .censor import ACTIONS
-from .detector import Detector, Scores, load_detector
-from .filter import FilterResult, SafetyFilter
-from .levels import LEVELS, NSFW_LEVELS, Policy
-from .models import REGISTRY, ModelLoadError, ModelSpec, register
-from .preprocess import PreprocessConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "ACTIONS", "LEVELS", "NSFW_LEVELS", "REGISTRY", "Detector", "FilterResult", "ModelLoadError",
-    "ModelSpec", "Policy", "PreprocessConfig", "SafetyFilter", "Scores", "load_detector", "register",
-]
+
+#: public name -> the module that defines it
+_LAZY = {
+    "ACTIONS": "vocabulary", "LEVELS": "vocabulary", "NSFW_LEVELS": "vocabulary",
+    "Detector": "detector", "Scores": "detector", "load_detector": "detector",
+    "FilterResult": "filter", "SafetyFilter": "filter",
+    "Policy": "levels",
+    "REGISTRY": "models", "ModelLoadError": "models", "ModelSpec": "models", "register": "models",
+    "PreprocessConfig": "preprocess",
+}
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:
+    from .detector import Detector, Scores, load_detector
+    from .filter import FilterResult, SafetyFilter
+    from .levels import Policy
+    from .models import REGISTRY, ModelLoadError, ModelSpec, register
+    from .preprocess import PreprocessConfig
+    from .vocabulary import ACTIONS, LEVELS, NSFW_LEVELS
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -24,10 +24,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-ACTIONS = ("blur", "pixelate", "black", "placeholder", "none")
-#: The actions that hide an image: every action but ``"none"``.
-HIDING_ACTIONS = tuple(a for a in ACTIONS if a != "none")
-DEFAULT_ACTION = "blur"
+from .vocabulary import ACTIONS, DEFAULT_ACTION, HIDING_ACTIONS  # noqa: F401 (re-exported)
 #: Gaussian sigma as a fraction of the longer side: 41 px on 512 px; shapes become colour fields.
 DEFAULT_BLUR = 0.08
 #: Pixelation block as a fraction of the longer side: 43 px blocks on 512 px.

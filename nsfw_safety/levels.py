@@ -13,40 +13,17 @@ Level scores, one row per image, columns ``LEVELS``:
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
 from .inputs import VIEW_NAMES
-
-LEVELS: tuple[str, ...] = ("neutral", "low", "medium", "high")
-#: The levels a threshold can be set on ("neutral" is not an NSFW level).
-NSFW_LEVELS: tuple[str, ...] = LEVELS[1:]
-
-#: The default rule of every integration: flag when ``levels["medium"] >= 0.5``.
-DEFAULT_LEVEL, DEFAULT_THRESHOLD = "medium", 0.5
+from .vocabulary import (DEFAULT_LEVEL, DEFAULT_THRESHOLD, LEVELS, NSFW_LEVELS,  # noqa: F401 (re-exported)
+                         check_threshold, level_index)
 
 _FOUR = ("neutral", "low", "medium", "high")
 _NSFW_NAMES = ("nsfw", "unsafe", "porn", "explicit")
-
-
-def level_index(level: str) -> int:
-    """Column of ``level`` in a level-score tensor; only low, medium and high are valid."""
-    if not isinstance(level, str) or level not in NSFW_LEVELS:
-        raise ValueError(f"level must be one of {NSFW_LEVELS}, got {level!r}")
-    return LEVELS.index(level)
-
-
-def check_threshold(threshold: float, name: str = "threshold") -> float:
-    """Return ``threshold`` as a float in [0, 1], or raise ``ValueError``."""
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):  # numpy floats too
-        raise TypeError(f"{name} must be a number in [0, 1], got {threshold!r}")
-    t = float(threshold)
-    if not 0.0 <= t <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {threshold!r}")
-    return t
 
 
 def level_matrix(labels: tuple[str, ...]) -> torch.Tensor:
@@ -177,8 +154,8 @@ class Policy:
     output) are always flagged: the policy fails closed.
     """
 
-    level: str = "medium"
-    threshold: float = 0.5
+    level: str = DEFAULT_LEVEL
+    threshold: float = DEFAULT_THRESHOLD
     thresholds: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .preprocess import PreprocessConfig
+from .vocabulary import DEFAULT_MODEL  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,6 @@ register(ModelSpec(
     license="Apache-2.0",
     note="ViT-B/16 at 224",
 ))
-
-DEFAULT_MODEL = "eva"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,9 @@ import nsfw_safety
 from nsfw_safety import cli, load_detector
 from nsfw_safety.filter import SafetyFilter
 from nsfw_safety.inputs import open_image
-from nsfw_safety.report import COLUMNS, read_report
+from nsfw_safety.scan import run as scan_run
+from nsfw_safety.scan.reports import COLUMNS, read_report
+from nsfw_safety.scan.walk import walk
 
 GOOD = ["a.png", "sub/b.jpg", "sub/c.webp", "d.gif", "e.bmp", "sub/deep/f.tiff"]
 BAD = {"bad/zero.png": "empty file", "bad/trunc.png": "truncated", "bad/text.png": "cannot identify",
@@ -191,6 +193,8 @@ def test_exit_codes(tmp_path, eva_dir, eva_nsfw_dir, eva_safe_dir, capsys):
     assert scan(good, "--in-place", "--out", tmp_path / "o") == 2
     assert scan(good, "--report", tmp_path / "r.txt") == 2
     assert scan(good, "--model", tmp_path / "no-such-model") == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert scan(good, "--model", tmp_path) == 2  # a folder, but not a checkpoint
     assert "cannot load model" in capsys.readouterr().err
     theirs = tmp_path / "theirs.csv"
     theirs.write_text("name,price\nbike,100\n")
@@ -230,14 +234,14 @@ def test_unreadable_file(tmp_path, eva_safe_dir):
         folder.chmod(0o755)
         make_good(folder, ["locked.png"])
         (folder / "locked.png").chmod(0)
-        f = cli._stat(cli._File(str(folder / "locked.png"), Path("locked.png")))
+        [f] = walk([str(folder / "locked.png")])
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
             try:
                 os.setgid(65534)
                 os.setuid(65534)
-                os.write(write, (cli._decode(f, cli.DEFAULT_MAX_PIXELS).error or "no error").encode())
+                os.write(write, (scan_run._decode(f, cli.DEFAULT_MAX_PIXELS).error or "no error").encode())
             finally:
                 os._exit(0)
         os.close(write)
@@ -404,7 +408,7 @@ def test_killed_console_script_leaves_a_valid_report(tmp_path, eva_dir, capsys):
         "    time.sleep(0.5)\n"
         "    return real(self, images, **kw)\n"
         "f.SafetyFilter.__call__ = slow\n")
-    env = {**os.environ, "PYTHONPATH": str(hook)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([str(script), "scan", str(good), "--model", str(eva_dir), "--report", str(report),
                              "--batch-size", "2", "--workers", "2"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -499,4 +503,4 @@ def test_serve_without_the_server_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "nsfw_safety.server", None)  # import fails like a missing fastapi
     monkeypatch.delattr(nsfw_safety, "server", raising=False)
     assert cli.main(["serve"]) == 2
-    assert "pip install 'nsfw-safety[server]'" in capsys.readouterr().err
+    assert "pip install -e '.[server]'" in capsys.readouterr().err

@@ -1,0 +1,447 @@
+"""One scan run: find the files, decode them in threads, score them batch by batch with
+``SafetyFilter``, act on the flagged ones, and write the report and the review page.
+
+Order of work in a run, each step relying on the previous one:
+
+1. lock the report (one writer), check it is ours and was scored with these settings;
+2. settle the moves that a killed run announced but may not have finished;
+3. walk the roots; files whose row still holds (same path, size and mtime) are skipped;
+4. per batch: score, write copies / overwrite in place, write the rows (the row of a file
+   to move names its target *before* the move), then move;
+5. compact the report, prune old thumbnails, write the HTML page.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from PIL import Image
+
+from ..detector import load_detector
+from ..filter import SafetyFilter
+from ..inputs import open_image
+from ..levels import LEVELS, NSFW_LEVELS, Policy
+from ..models import ModelLoadError, resolve
+from ..vocabulary import DEFAULT_ACTION, DEFAULT_MODEL
+from . import DEFAULT_MAX_PIXELS, EXIT_CLEAN, EXIT_ERROR, EXIT_FLAGGED, EXIT_INTERRUPTED, ScanError
+from . import outputs
+from .files import remove_stale_temps
+from .html import HtmlReport, ThumbStore
+from .reports import (COLUMNS, SETTINGS, ReportLock, ReportWriter, check_settings, encode_path, latest_rows,
+                      read_report)
+from .walk import Found, walk
+
+#: How many flagged files and errors the summary lists (all are in the report).
+LISTED = 1000
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """What ``nsfw-safety scan`` was asked to do (see its ``--help``)."""
+
+    paths: Sequence[str]
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    batch_size: int = 16
+    workers: int = 4
+    policy: Policy = field(default_factory=Policy)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    report: Path | None = None
+    html: Path | None = None
+    fail_on_flagged: bool = True
+    action: str = DEFAULT_ACTION
+    out: Path | None = None
+    copy_safe: bool = False
+    move_flagged: Path | None = None
+    in_place: bool = False
+    force: bool = False
+
+
+def rules_text(policy: Policy) -> str:
+    """The policy as ``--thresholds`` would give it, e.g. ``"low=0.9,high=0.8"``."""
+    return ",".join(f"{level}={t!r}" for level, t in policy.rules.items())
+
+
+@dataclass
+class _Decoded:
+    file: Found
+    image: Image.Image | None
+    error: str | None
+
+
+def _decode(f: Found, max_pixels: int) -> _Decoded:
+    """Runs in a worker thread: open and decode one file (first frame, EXIF orientation)."""
+    if f.error is not None:
+        return _Decoded(f, None, f.error)
+    try:
+        if f.size == 0:
+            raise ValueError("empty file (0 bytes)")
+        return _Decoded(f, open_image(f.path, max_pixels), None)
+    except Exception as e:  # any failure is a row with the reason, never a crash or a pass
+        msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        return _Decoded(f, None, "error: " + _without_path(msg, f.path))
+
+
+def _without_path(msg: str, path: str) -> str:
+    """A one-line reason without the file's own path (the row already names it)."""
+    quoted = repr(path)
+    if msg.startswith(quoted + " "):
+        msg = msg[len(quoted) + 1:]
+        msg = msg[3:] if msg.startswith("is ") else "image " + msg
+    return " ".join(msg.replace(f" {quoted}", "").split())
+
+
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int):
+    """Let PIL open images up to ``max_pixels`` (our own check refuses larger ones first)."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(old or 0, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+class _Tally:
+    """Running counts for the summary (rows themselves are not kept: folders can be huge)."""
+
+    def __init__(self, policy: Policy):
+        rules = policy.rules
+        default = policy.threshold if policy.thresholds is None else 0.5
+        self.thresholds = {level: rules.get(level, default) for level in NSFW_LEVELS}
+        self.status = {"ok": 0, "flagged": 0, "error": 0}
+        self.by_level = dict.fromkeys(NSFW_LEVELS, 0)
+        self.errors: list[dict[str, str]] = []
+        self.flagged: list[dict[str, str]] = []
+        self.scanned = self.skipped = 0
+
+    def add(self, row: dict[str, Any], skipped: bool = False) -> None:
+        self.status[row["status"]] += 1
+        self.skipped += skipped
+        self.scanned += not skipped
+        listed = {"error": self.errors, "flagged": self.flagged}.get(row["status"])
+        if listed is not None and len(listed) < LISTED:
+            entry = {"path": encode_path(row["path"]), "reason": row["reason"]}
+            if row["moved_to"] or row["output"]:
+                entry["to"] = encode_path(row["moved_to"] or row["output"])
+            listed.append(entry)
+        if row["status"] != "error":
+            for level, t in self.thresholds.items():
+                self.by_level[level] += row[level] >= t
+
+
+class _Batches:
+    """Scores decoded files batch by batch and acts on them; owns the rows' order on disk."""
+
+    def __init__(self, opts: ScanOptions, guard: SafetyFilter | None, report: ReportWriter | None,
+                 html: HtmlReport | None, tally: _Tally, settings: dict[str, str]):
+        self.opts, self.guard, self.report, self.html, self.tally = opts, guard, report, html, tally
+        self.settings = settings
+        self.claimed: set[str] = set()  # quarantine names announced but not yet taken
+
+    def __call__(self, decoded: list[_Decoded]) -> None:
+        good = [d for d in decoded if d.image is not None]
+        shown: dict[int, Image.Image] = {}  # id(Found) -> what the page shows
+        rows: list[dict[str, Any]] = []
+        if good:
+            result = self.guard([d.image for d in good])
+            levels = result.scores.levels.float().cpu().tolist() if result.scores is not None else None
+            valid = result.scores.valid.cpu().tolist() if result.scores is not None else [False] * len(good)
+            for i, d in enumerate(good):
+                shown[id(d.file)] = result.images[i]
+                rows.append(self._act(d, result.images[i], result.flagged[i], result.reasons[i],
+                                      result.actions[i], levels[i] if valid[i] else None))
+        for d in decoded:
+            if d.image is None:
+                rows.append(self._row(d.file, status="error", flagged=True, reason=d.error))
+        moves = [row for row in rows if self._plan_move(row)]
+        self._write(rows)  # the rows of moved files name their target before anything moves
+        fixed = [row for row in moves if not self._move(row)]
+        self._write(fixed)
+        for row in rows:
+            self.tally.add(row)
+            if self.html is not None:
+                self.html.add(row, shown.get(id(row["_file"])))
+
+    def _row(self, f: Found, **values: Any) -> dict[str, Any]:
+        row = dict.fromkeys(COLUMNS)
+        row.update(path=f.path, size=f.size, mtime_ns=f.mtime_ns, reason="", action="none", output="",
+                   moved_to="", **self.settings)
+        row.update(values)
+        row["_file"] = f  # not a column: what the row is about
+        return row
+
+    def _act(self, d: _Decoded, shown: Image.Image, flagged: bool, reason: str, action: str,
+             levels: list[float] | None) -> dict[str, Any]:
+        """Write the copy or overwrite the original, as asked, for one scored file; its row."""
+        opts, f = self.opts, d.file
+        status = "error" if levels is None else ("flagged" if flagged else "ok")
+        row = self._row(f, width=d.image.width, height=d.image.height, status=status, flagged=flagged,
+                        reason=reason, **(dict(zip(LEVELS, levels)) if levels else {}))
+        done = []
+        try:
+            if flagged and opts.out is not None:
+                row["output"] = str(outputs.write_censored(shown, d.image, opts.out / outputs.censored_name(f.rel)))
+                done.append(action)
+            elif not flagged and opts.copy_safe:
+                row["output"] = str(outputs.copy_file(f.path, opts.out / f.rel))
+                done.append("copy")
+            if flagged and opts.in_place and status == "flagged":  # a failed check never destroys the file
+                st = outputs.overwrite(f.path, shown, d.image, opts.force)
+                row.update(size=st.st_size, mtime_ns=st.st_mtime_ns, output=f.path)
+                done.append(action)
+        except outputs.OutputError as e:
+            row.update(status="error", flagged=True, reason=f"{reason}; error: {e.strerror}", _stays=True)
+        except Exception as e:  # disk full, a mode the format cannot store...: an error row, not a crash
+            row.update(status="error", flagged=True, reason=f"{reason}; error writing output: {e}", _stays=True)
+        row["action"] = "+".join(done) or "none"
+        return row
+
+    def _plan_move(self, row: dict[str, Any]) -> bool:
+        """Name the quarantine target of a flagged or unreadable file in its row."""
+        f: Found = row["_file"]
+        if (self.opts.move_flagged is None or not row["flagged"] or not f.movable or row.get("_stays")
+                or not os.path.lexists(f.path)):
+            return False  # (an output failed: the original stays where it is)
+        target = outputs.free_name(self.opts.move_flagged / f.rel, self.claimed)
+        self.claimed.add(str(target))
+        row["moved_to"] = str(target)
+        row["action"] = "move" if row["action"] == "none" else row["action"] + "+move"
+        return True
+
+    def _move(self, row: dict[str, Any]) -> bool:
+        """Move one announced file; False when the row had to change (its fix is to be written)."""
+        target = Path(row["moved_to"])
+        self.claimed.discard(str(target))
+        while True:
+            try:
+                outputs.move(row["path"], target)
+                return True
+            except FileExistsError:  # taken since it was announced: announce another name first
+                target = outputs.free_name(self.opts.move_flagged / row["_file"].rel, self.claimed)
+                row["moved_to"] = str(target)
+                self._write([row])
+            except OSError as e:
+                actions = [a for a in row["action"].split("+") if a not in ("move", "none")]
+                row.update(status="error", flagged=True, moved_to="", action="+".join(actions) or "none",
+                           reason=f"{row['reason']}; error moving: {e}")
+                return False
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        if self.report is None or not rows:
+            return
+        try:
+            self.report.write(rows)
+        except OSError as e:
+            raise ScanError(f"cannot write the report {str(self.report.path)!r}: {e.strerror or e}") from e
+
+
+def _pipeline(batches: _Batches, todo: list[Found], opts: ScanOptions, progress) -> None:
+    """Decode in a thread pool a bounded window ahead of the model, which scores batch by batch."""
+    window = 2 * opts.batch_size + opts.workers  # decoded images held in memory at most
+    pending: deque[Future] = deque()
+    todo_iter = iter(todo)
+    pool = ThreadPoolExecutor(opts.workers, thread_name_prefix="nsfw-safety-decode")
+    try:
+        def refill() -> None:
+            while len(pending) < window:
+                f = next(todo_iter, None)
+                if f is None:
+                    return
+                pending.append(pool.submit(_decode, f, opts.max_pixels))
+
+        refill()
+        while pending:
+            decoded: list[_Decoded] = []
+            while pending and sum(d.image is not None for d in decoded) < opts.batch_size:
+                decoded.append(pending.popleft().result())
+                refill()
+            batches(decoded)
+            if progress is not None:
+                progress.update(len(decoded))
+                progress.set_postfix(flagged=batches.tally.status["flagged"], errors=batches.tally.status["error"],
+                                     refresh=False)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if progress is not None:
+            progress.close()
+
+
+def _model_arg(opts: ScanOptions) -> str:
+    """``--model``, with a checkpoint folder made absolute (so a resume from elsewhere matches)."""
+    return os.path.abspath(opts.model) if os.path.isdir(opts.model) else opts.model
+
+
+def _settings(opts: ScanOptions, resolved: bool) -> dict[str, str]:
+    """model id (as the library resolves it), revision, rules: what a report row records."""
+    model = _model_arg(opts)
+    if resolved:
+        try:
+            _, model, _ = resolve(model, revision=opts.revision)
+        except (ModelLoadError, ValueError, TypeError, OSError) as e:
+            raise ScanError(f"cannot load model {opts.model!r}: {e}") from e
+    return dict(zip(SETTINGS, (model, opts.revision or "", rules_text(opts.policy))))
+
+
+def _clean_outputs(opts: ScanOptions) -> None:
+    """Delete temporary files that killed runs left in the output folders."""
+    for top in (opts.out, opts.move_flagged):
+        if top is not None and top.is_dir():
+            for folder, _, names in os.walk(top):
+                remove_stale_temps(folder, names)
+
+
+def scan(opts: ScanOptions, progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Run one scan; returns the summary (see the README), whose ``exit_code`` is the answer.
+
+    Args:
+        opts: what to do.
+        progress: ``progress(total)`` returns a tqdm-like bar (``update``, ``set_postfix``,
+            ``close``) or None.
+    Raises:
+        ScanError: the scan could not run or had to stop (nothing misreported); the message
+            says what to do. KeyboardInterrupt is turned into an interrupted summary.
+    """
+    opts = dataclasses.replace(opts, **{k: Path(os.path.abspath(getattr(opts, k))) for k in ("out", "move_flagged")
+                                        if getattr(opts, k) is not None})  # rows name absolute paths
+    report_path = Path(opts.report) if opts.report is not None else None
+    thumbs = ThumbStore(f"{report_path}.thumbs") if report_path is not None else None
+    exclude = [p for p in (opts.out, opts.move_flagged, thumbs and thumbs.folder) if p is not None]
+    lock = writer = html = None
+    try:
+        if report_path is not None:
+            try:
+                report_path.parent.mkdir(parents=True, exist_ok=True)
+                lock = ReportLock(report_path)
+                remove_stale_temps(report_path.parent)
+                remove_stale_temps(thumbs.folder)
+                writer = ReportWriter(report_path)
+                previous = latest_rows(read_report(report_path))
+            except OSError as e:
+                raise ScanError(f"cannot use the report {str(report_path)!r}: {e.strerror or e}") from e
+        else:
+            previous = {}
+        _clean_outputs(opts)
+        settings = None
+        if previous:
+            settings = _settings(opts, resolved=True)
+            check_settings(previous.values(), settings, report_path)
+            for path, row in list(previous.items()):  # moves announced by a killed run, before the walk
+                if row["moved_to"] and not outputs.recover_move(row):
+                    del previous[path]  # the move did not happen: the file is scanned again
+        files = list(walk([str(p) for p in opts.paths], [str(p) for p in exclude]))
+        settings = settings or _settings(opts, resolved=bool(files))
+
+        skipped, todo = [], []
+        for f in files:
+            old = previous.get(f.path)
+            if (old is not None and old["status"] != "error" and not old["moved_to"]
+                    and (old["size"], old["mtime_ns"]) == (f.size, f.mtime_ns)):
+                skipped.append(old)
+            else:
+                todo.append(f)
+
+        t0 = time.perf_counter()
+        guard = None
+        if any(f.error is None for f in todo):
+            try:
+                detector = load_detector(_model_arg(opts), revision=opts.revision, device=opts.device,
+                                         dtype=opts.dtype, max_batch_size=opts.batch_size)
+                censoring = opts.out is not None or opts.in_place or opts.html is not None
+                guard = SafetyFilter(detector, opts.policy.level, opts.policy.threshold,
+                                     thresholds=opts.policy.thresholds,
+                                     action=opts.action if censoring else "none")
+            except (ModelLoadError, ValueError, TypeError, OSError, RuntimeError) as e:
+                raise ScanError(f"cannot load model {opts.model!r}: {e}") from e
+        load_s = time.perf_counter() - t0
+
+        html = HtmlReport(opts.html, opts.policy.rules, thumbs) if opts.html is not None else None
+        tally = _Tally(opts.policy)
+        for row in skipped:
+            tally.add(row, skipped=True)
+            if html is not None:
+                html.add(row, None)
+        batches = _Batches(opts, guard, writer, html, tally, settings)
+        interrupted = False
+        t1 = time.perf_counter()
+        try:
+            with _pixel_limit(opts.max_pixels):
+                _pipeline(batches, todo, opts, progress(len(todo)) if progress is not None and todo else None)
+        except KeyboardInterrupt:
+            interrupted = True
+        seconds = time.perf_counter() - t1
+        if html is not None:  # the page reviews the whole report
+            walked = {f.path for f in files}
+            for path, row in previous.items():
+                if path not in walked:
+                    html.add(row, None, earlier=True)
+        if writer is not None:
+            writer.close()
+            if not interrupted:
+                try:
+                    kept = writer.compact()
+                    if thumbs is not None:
+                        thumbs.prune(kept)
+                except OSError as e:
+                    raise ScanError(f"cannot write the report {str(report_path)!r}: {e.strerror or e}") from e
+        summary = _summary(opts, settings, len(files), tally, seconds, load_s, interrupted)
+        if html is not None:
+            try:
+                html.write(summary)
+            except OSError as e:
+                raise ScanError(f"cannot write the HTML page {str(opts.html)!r}: {e.strerror or e}") from e
+        return summary
+    finally:
+        if html is not None:
+            html.close()
+        if writer is not None:
+            writer.close()
+        if lock is not None:
+            lock.release()
+
+
+def _summary(opts: ScanOptions, settings: dict[str, str], files: int, tally: _Tally, seconds: float,
+             load_s: float, interrupted: bool) -> dict[str, Any]:
+    n = tally.status
+    if interrupted:
+        code = EXIT_INTERRUPTED
+    elif n["error"]:
+        code = EXIT_ERROR
+    elif n["flagged"] and opts.fail_on_flagged:
+        code = EXIT_FLAGGED
+    else:
+        code = EXIT_CLEAN
+    return {
+        "files": files if not interrupted else tally.scanned + tally.skipped,
+        "scanned": tally.scanned,
+        "skipped": tally.skipped,
+        "flagged": n["flagged"],
+        "clean": n["ok"],
+        "errors": n["error"],
+        "by_level": {k: {"threshold": t, "count": tally.by_level[k]} for k, t in tally.thresholds.items()},
+        "rules": opts.policy.rules,
+        "model": settings["model"],
+        "revision": settings["revision"] or None,
+        "seconds": round(seconds, 3),
+        "model_load_seconds": round(load_s, 3),
+        "images_per_second": round(tally.scanned / seconds, 2) if seconds > 0 else 0.0,
+        "interrupted": interrupted,
+        "report": str(opts.report) if opts.report is not None else None,
+        "html": str(opts.html) if opts.html is not None else None,
+        "flagged_files": tally.flagged,
+        "error_files": tally.errors,
+        "exit_code": code,
+    }
