@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -12,6 +13,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from checkpoints import write_eva, write_vit  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails the test, with an AssertionError that names it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access: {args!r}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 @pytest.fixture(scope="session")

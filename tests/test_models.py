@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 
 import pytest
 import torch
 
 from nsfw_safety import ModelLoadError, load_detector
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any connection attempt fails the test with an error that is not a ModelLoadError."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access: {args!r}")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 def _with_config(src, dst, **changes):
