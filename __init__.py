@@ -12,6 +12,7 @@ that exports them is never asked for the V3 ``comfy_entrypoint``. Set
 ids, so workflows keep working) instead, where ComfyUI provides ``comfy_api``.
 """
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -20,7 +21,11 @@ import sys
 if importlib.util.find_spec("nsfw_safety") is None:
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
-from .comfyui_node import v3 as _v3  # noqa: E402
+# As a pack, comfyui_node is this package's subpackage. Imported as a plain module (pytest does
+# that in a clone whose folder name, such as nsfw-safety, is not a Python name), this folder is
+# on sys.path and comfyui_node is a top-level package beside it.
+_nodes = importlib.import_module(f"{__package__}.comfyui_node" if __package__ else "comfyui_node")
+_v3 = importlib.import_module(f"{_nodes.__name__}.v3")
 
 _API = os.environ.get("NSFW_SAFETY_NODE_API", "v1").strip().lower()
 
@@ -31,6 +36,6 @@ else:
     if _API == "v3":
         logging.getLogger(__name__).warning(
             "NSFW_SAFETY_NODE_API=v3, but this ComfyUI has no comfy_api: using the classic nodes")
-    from .comfyui_node import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-
+    NODE_CLASS_MAPPINGS = _nodes.NODE_CLASS_MAPPINGS
+    NODE_DISPLAY_NAME_MAPPINGS = _nodes.NODE_DISPLAY_NAME_MAPPINGS
     __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -7,6 +7,7 @@ import time
 from typing import Any, Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -63,8 +64,13 @@ def median(values: list[float]) -> float:
 
 
 def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass of ``model`` on ``x`` (matmuls, convolutions, attention)."""
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    """FLOPs of one forward pass of ``model`` on ``x`` (matmuls, convolutions, attention).
+
+    Attention runs on the math backend, whose matmuls every torch counts; the fused kernels'
+    counts differ between torch versions (none on the CPU in 2.3). no_grad, not inference_mode:
+    torch 2.3's counter sees nothing in inference mode.
+    """
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(x)
     return counter.get_total_flops()
 

@@ -80,7 +80,8 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
 
     Attributes:
         last_result: the :class:`FilterResult` of the last call (scores, reasons, actions), or
-            None when the last guarded pipeline call was not checked (``output_type="latent"``).
+            None when the last pipeline call was not checked (``output_type="latent"``), whether
+            the checker was passed as ``safety_checker=`` or attached.
         feature_extractor: a light feature extractor for pipelines built without one.
     """
 
@@ -98,6 +99,7 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         self._pinned_dtype = None if dtype in (None, "auto") else resolve_dtype(dtype, detector.device)
         self._host_dtype: torch.dtype | None = None
         self.last_result: FilterResult | None = None
+        self._checked = False  # since the end of the last pipeline call
         self.feature_extractor = light_feature_extractor()
         policy, censoring = guard.policy, guard.censoring.to_dict()
         del censoring["placeholder"]  # saved as an image beside the config
@@ -233,12 +235,20 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         Arguments as for :meth:`SafetyFilter.__call__`.
         """
         result = self.guard(images, value_range=value_range, layout=layout, censored_range=censored_range)
-        self.last_result = result
+        self.last_result, self._checked = result, True
         if result.any_flagged:
             hits = [f"#{i}: {r} -> {a}" for i, (f, r, a) in enumerate(zip(result.flagged, result.reasons,
                                                                          result.actions)) if f]
             log.warning("nsfw-safety flagged %d of %d images (%s)", len(hits), len(result.flagged), "; ".join(hits))
         return result
+
+    def _reset_stateful_cache(self, *args, **kwargs) -> None:
+        """Called by diffusers on every component at the end of every pipeline call
+        (``maybe_free_model_hooks``, diffusers 0.33+): a call that checked nothing (``output_type=
+        "latent"``) leaves ``last_result`` None, not the previous call's result."""
+        if not self._checked:
+            self.last_result = None
+        self._checked = False
 
     def forward(self, images: torch.Tensor | np.ndarray, clip_input: Any = None) -> tuple[Any, list[bool]]:
         """The ``safety_checker`` call of the SD pipelines.

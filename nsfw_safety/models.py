@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def _download(hub_id: str, revision, token, cache_dir, local_files_only: bool, s
     except GatedRepoError as e:
         raise ModelLoadError(
             f"{hub_id} is gated: accept its terms on https://huggingface.co/{hub_id} and pass "
-            f"token=... (or set HF_TOKEN / run `huggingface-cli login`)") from e
+            f"token=... (or set HF_TOKEN / run `hf auth login`)") from e
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise ModelLoadError(f"{hub_id} (revision {revision or 'main'}) was not found on the hub: {e}") from e
     except Exception as e:  # offline mode, no cache entry, no network: one actionable message
@@ -154,8 +155,8 @@ def _download(hub_id: str, revision, token, cache_dir, local_files_only: bool, s
         gated = " It is gated: accept its terms on the hub and log in first." if spec and spec.gated else ""
         raise ModelLoadError(
             f"model {hub_id} (revision {revision or 'main'}) is not in {where} and {how}. "
-            f"Download it once on a machine with access (`huggingface-cli download {hub_id}`), "
-            f"copy the snapshot, or pass a local checkpoint directory to load_detector.{gated} "
+            f"Download it once on a machine with access (`hf download {hub_id} --local-dir DIR`) "
+            f"and pass DIR as the model, or copy the cached snapshot.{gated} "
             f"[{type(e).__name__}: {e}]") from e
 
 
@@ -181,18 +182,47 @@ def _safetensors_file(path: Path) -> Path:
     return file
 
 
+# timm.create_model arguments that fetch weights or configs from elsewhere (the hub, a URL, a path,
+# a pickled checkpoint). A checkpoint directory loads only its own model.safetensors.
+_TIMM_FETCHING_ARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                                 "cache_dir"})
+
+
+def _timm_architecture(config: dict, config_file: Path) -> tuple[str, dict]:
+    """The checkpoint's timm architecture and model_args, refusing anything that would make timm
+    download or read another checkpoint (``hf-hub:...``, ``local-dir:...``, ``checkpoint_path``)."""
+    import timm
+
+    arch, model_args = config.get("architecture"), config.get("model_args") or {}
+    if not isinstance(arch, str) or not re.fullmatch(r"[\w.-]+", arch):
+        raise ModelLoadError(
+            f"{config_file}: architecture {arch!r} is not a timm model name. A source such as 'hf-hub:' or "
+            f"'local-dir:' would load a model from elsewhere, and a local checkpoint never reaches the network: "
+            f"name the timm architecture (e.g. 'eva02_base_patch14_448') and keep the weights in model.safetensors")
+    if not timm.is_model(arch.split(".", 1)[0]):
+        raise ModelLoadError(f"{config_file}: unknown timm architecture {arch!r} (timm {timm.__version__})")
+    if not isinstance(model_args, dict):
+        raise ModelLoadError(f"{config_file}: model_args must be a dict, got {type(model_args).__name__}")
+    fetching = sorted(_TIMM_FETCHING_ARGS & set(model_args))
+    if fetching:
+        raise ModelLoadError(
+            f"{config_file}: model_args {fetching} would make timm load weights or configs from elsewhere; "
+            f"a local checkpoint loads only its own model.safetensors")
+    return arch, model_args
+
+
 def _load_timm_wrapper(path, config, model_id, revision, spec) -> LoadedModel:
     import timm
     from safetensors.torch import load_file
 
+    arch, model_args = _timm_architecture(config, path / "config.json")
     labels = tuple(config.get("label_names") or [config["id2label"][str(i)] for i in range(len(config["id2label"]))])
-    model_args = config.get("model_args") or {}
-    module = timm.create_model(config["architecture"], pretrained=False, num_classes=len(labels), **model_args)
+    module = timm.create_model(arch, pretrained=False, num_classes=len(labels), **model_args)
     state = load_file(_safetensors_file(path))
     state = {k.removeprefix("timm_model."): v for k, v in state.items()}
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ModelLoadError(f"{path}: weights do not match {config['architecture']}: "
+        raise ModelLoadError(f"{path}: weights do not match {arch}: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     pcfg = dict(module.pretrained_cfg or {})
     pcfg.update(config.get("pretrained_cfg") or {})
@@ -220,7 +250,7 @@ def _load_vit(path, config, model_id, revision, spec) -> LoadedModel:
 
     _safetensors_file(path)
     model = ViTForImageClassification.from_pretrained(
-        path, use_safetensors=True, attn_implementation="sdpa", dtype=torch.float32)
+        path, use_safetensors=True, attn_implementation="sdpa", dtype=torch.float32, local_files_only=True)
     labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
     proc_file = path / "preprocessor_config.json"
     proc = json.loads(proc_file.read_text()) if proc_file.is_file() else None

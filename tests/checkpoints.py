@@ -49,8 +49,9 @@ def write_eva(path: Path, *, img_size: int = 56, embed_dim: int = 32, depth: int
     model_args = {} if full else {"img_size": img_size, "embed_dim": embed_dim, "depth": depth,
                                   "num_heads": num_heads}
     size = 448 if full else img_size
-    config = TimmWrapperConfig(architecture="eva02_base_patch14_448", num_labels=4,
-                               label_names=["neutral", "low", "medium", "high"], model_args=model_args)
+    # id2label: every transformers with TimmWrapper model_args (4.53+) saves it as label_names
+    config = TimmWrapperConfig(architecture="eva02_base_patch14_448",
+                               id2label=dict(enumerate(["neutral", "low", "medium", "high"])), model_args=model_args)
     model = TimmWrapperForImageClassification(config)
     head = model.timm_model.head
     resize = lambda x: torch.nn.functional.interpolate(x, size=(size, size))  # noqa: E731

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -24,6 +25,16 @@ def _cpu_without_native_bf16():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(detector, "_cpu_capabilities", lambda: {"avx2": True})
         yield
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails the test, with an AssertionError that names it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access: {args!r}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -578,6 +578,10 @@ def test_requirements_and_registry_metadata():
     names = {r.split(">")[0].strip().lower() for r in requirements}
     needed = {d.split(">")[0].strip().lower() for d in project["project"]["dependencies"]}
     assert needed - {"torch", "torchvision"} <= names and not names & {"torch", "torchvision"}
+    # the same tested lower bounds (README, "Development") as the package's
+    bounds = lambda reqs: {r.split(">=")[0].strip().lower(): r.split(">=")[1].strip() for r in reqs}  # noqa: E731
+    core = bounds(project["project"]["dependencies"])
+    assert bounds(requirements) == {k: v for k, v in core.items() if k not in {"torch", "torchvision"}}
     comfy = project["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"]
     assert "comfyui" not in project["project"]["name"].lower()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -32,14 +34,18 @@ PROMPTS = ["a red fox in the snow", "two blue boats"]
 # --- tiny pipelines --------------------------------------------------------------------------
 
 def tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP BPE tokenizer whose vocabulary is the 256 byte symbols (no merges)."""
+    """A CLIP BPE tokenizer whose vocabulary is the 256 byte symbols (no merges), loaded from its
+    files as a hub tokenizer is: the constructor's arguments differ between transformers 4 and 5."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs + [256 + n for n in range(256 - len(bs))]
     bs += [b for b in range(256) if b not in bs]
     chars = [chr(c) for c in cs]
     vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
     vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
 def text_encoder(cls=CLIPTextModel, hidden: int = 16, projection: int = 16):
@@ -134,6 +140,16 @@ def test_dropin_censors_flagged_in_true_colours_and_keeps_the_rest(parts, baseli
     assert result.flagged == mixed.flags and result.scores.levels.shape == (2, 4)
     assert result.actions[mixed.hit] == action and result.actions[mixed.clean] == "none"
     assert result.reasons[mixed.hit].startswith("medium ") and ">=" in result.reasons[mixed.hit]
+
+
+def test_dropin_last_result_is_none_after_a_latent_call(parts, eva_nsfw_dir):
+    checker = NSFWSafetyChecker.from_pretrained(str(eva_nsfw_dir), action="black", device="cpu")
+    pipe = sd_pipe(parts, checker, checker.feature_extractor)
+    assert run(pipe, steps=1).nsfw_content_detected == [True, True] and checker.last_result.flagged == [True, True]
+    out = run(pipe, "latent", steps=1)
+    assert out.nsfw_content_detected is None and checker.last_result is None  # not the previous call's
+    run(pipe, "np", steps=1)
+    assert checker.last_result.flagged == [True, True]
 
 
 def test_checker_contract_without_a_pipeline(eva_nsfw_dir, eva_safe_dir):
