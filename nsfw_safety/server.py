@@ -1,6 +1,6 @@
 """HTTP service: an image in, scores out, a censored image on request, batched under load.
 
-    pip install "nsfw-safety[server]"
+    pip install -e ".[server]"          # from a clone; see the README's Install section
     nsfw-safety serve --model eva --host 127.0.0.1 --port 8000
 
 Routes: ``POST /compute`` (one image), ``POST /compute/batch`` (several), ``GET /health``,

@@ -164,7 +164,7 @@ def default_model_path() -> Path:
     """The 320n model inside the installed ``nudenet`` package (nudenet itself is not imported)."""
     spec = importlib.util.find_spec("nudenet")
     if spec is None or spec.origin is None:
-        raise ImportError("the region detector needs NudeNet's model: pip install 'nsfw-safety[regions]' "
+        raise ImportError("the region detector needs NudeNet's model: pip install -e '.[regions]' in a clone "
                           "(or pass the path of a NudeNet .onnx file)")
     return Path(spec.origin).parent / "320n.onnx"
 
@@ -192,7 +192,7 @@ class RegionDetector:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ImportError("the region detector needs onnxruntime: pip install 'nsfw-safety[regions]'") from None
+            raise ImportError("the region detector needs onnxruntime: pip install -e '.[regions]' in a clone") from None
         from torchvision.ops import batched_nms  # seconds to import: here, not on the first call
 
         self._nms = batched_nms
