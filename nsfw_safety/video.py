@@ -35,7 +35,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from . import inputs as _inputs
 from .detector import Scores
@@ -433,22 +432,23 @@ def _check_options(every, fps, max_frames, window, censor) -> _Sampling:
 
 def _score_chunks(guard: SafetyFilter, chunks, parts: list[Scores], done: list[int]) -> str | None:
     """Score ``(index, batch, layout, value_range)`` chunks into ``parts``; the scored indices go
-    to ``done``. A scoring error is returned as the reason (``on_error="block"``) or raised."""
-    try:
-        for index, batch, layout, value_range in chunks:
-            prepared = _inputs.prepare(batch, layout=layout, value_range=value_range, device=guard.detector.device)
+    to ``done``. Bad input raises; a scoring error stops the check and is returned as its reason
+    (``on_error="block"``) or raised (``on_error="raise"``)."""
+    for index, batch, layout, value_range in chunks:
+        prepared = _inputs.prepare(batch, layout=layout, value_range=value_range, device=guard.detector.device)
+        try:
             parts.append(guard.detector.score(prepared.pixels, prepared.finite))
-            done.extend(index)
-    except (VideoError, ImportError, TypeError, ValueError):  # bad input, not a failed check
-        raise
-    except Exception as e:
-        if guard.on_error == "raise":
-            raise
-        return f"error: {type(e).__name__}: {e}"
+        except Exception as e:
+            if guard.on_error == "raise":
+                raise
+            return f"error: {type(e).__name__}: {e}"
+        done.extend(index)
     return None
 
 
-def _check_frames(videos: Any, video: _Video, guard, sampling, window, censor, frame_rate, value_range) -> dict[str, Any]:
+def _check_frames(videos: Any, video: _Video, guard: SafetyFilter, sampling: _Sampling, window: int, censor: str,
+                  frame_rate: float | None, value_range) -> dict[str, Any]:
+    """The verdict on one video in memory (its fields of :class:`VideoResult`, less ``frames``)."""
     select, sampled = sampling.select(video.n, "the frames")
     times = [i / frame_rate if frame_rate else None for i in range(video.n)]
     chosen = [i for i in range(video.n) if select(i, times[i])]

@@ -138,7 +138,12 @@ def test_batches_of_frames_follow_max_batch_size(detector, clip, monkeypatch):
     guard, _ = split(detector, clip)
     sizes = []
     score = detector.score
-    monkeypatch.setattr(detector, "score", lambda pixels, finite=None: sizes.append(len(pixels)) or score(pixels, finite))
+
+    def counted(pixels, finite=None):
+        sizes.append(len(pixels))
+        return score(pixels, finite)
+
+    monkeypatch.setattr(detector, "score", counted)
     check_video(clip, guard)
     assert sizes == [4, 4, 2]
 
@@ -243,3 +248,16 @@ def test_a_scoring_error_flags_the_video_and_blacks_it_out(detector, clip, monke
     calls.clear()
     with pytest.raises(RuntimeError, match="device lost"):
         check_video(clip, SafetyFilter(detector, on_error="raise"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_frames_on_cuda_come_back_on_cuda(eva_dir, clip):
+    gpu = load_detector(str(eva_dir), device="cuda")
+    video = clip.to("cuda", torch.float16)
+    guard, expected = split(gpu, video)
+    result = check_video(video, guard, window=1)
+    assert result.flagged_frames == expected and result.scores.levels.device.type == "cuda"
+    assert result.frames.device == video.device and result.frames.dtype == torch.float16
+    around = sorted({j for i in expected for j in (i - 1, i, i + 1) if 0 <= j < F})
+    assert black(result.frames) == around

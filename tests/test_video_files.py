@@ -78,8 +78,15 @@ def test_an_apng_default_image_is_checked_too(detector, tmp_path):
     assert info.default_image and info.frames == 4
     frames = list(read_frames(path))
     assert (frames[0].time, frames[0].duration) == (0.0, 0.0) and frames[1].time == 0.0
-    result = check_video(path, SafetyFilter(detector, threshold=float(scores[hidden])))
-    assert result.flagged and result.flagged_frames == [0]
+    guard = SafetyFilter(detector, threshold=float(scores[hidden]), action="pixelate")
+    result = check_video(path, guard)
+    assert result.flagged and result.flagged_frames == [0] and result.censored == [0]
+    copy = write_censored(path, result, tmp_path / "copy.png", guard)
+    assert (probe(copy).default_image, probe(copy).frames) == (True, 4)
+    after = list(read_frames(copy))
+    assert [f.duration for f in after] == pytest.approx([0, 0.1, 0.1, 0.1])
+    assert not np.array_equal(rgb(after[0].image), rgb(frames[0].image))
+    assert all(np.array_equal(rgb(a.image), rgb(b.image)) for a, b in zip(after[1:], frames[1:]))
 
 
 @pytest.mark.parametrize("suffix", [".gif", ".webp", ".png"])
