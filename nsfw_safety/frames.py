@@ -192,6 +192,9 @@ def _probe_video(path: Path, name: str, limits: VideoLimits, pillow_error: Excep
         if not container.streams.video:
             raise VideoError(f"{name} has no video stream (streams: "
                              f"{', '.join(s.type for s in container.streams) or 'none'})")
+        if len(container.streams.video) > 1:  # a player may show any of them, or a cover picture
+            raise VideoError(f"{name} has {len(container.streams.video)} video streams (a cover picture counts): "
+                             f"only files with one are checked")
         stream = container.streams.video[0]
         ctx = stream.codec_context
         _check_pixels(name, ctx.width, ctx.height, limits)
@@ -312,8 +315,22 @@ def _pyav_frames(info: VideoInfo, select: Select, limits: VideoLimits) -> Iterat
                 raise VideoTooLarge(f"{name} plays for more than {limits.max_duration:g} s, the limit")
             duration = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else (
                 1 / info.fps if info.fps else None)
-            image = frame.to_ndarray(format="rgb24") if select(index, time) else None
+            image = _upright(frame.to_ndarray(format="rgb24"), frame.rotation) if select(index, time) else None
             yield Frame(index, time, duration, image)
+
+
+def _rotation(path: Path) -> int:
+    """The display rotation of a video's first frame, in degrees counterclockwise."""
+    av = _import_av()
+    with av.open(str(path)) as container:
+        return next(container.decode(container.streams.video[0])).rotation or 0
+
+
+def _upright(rgb: np.ndarray, rotation: int | float, back: bool = False) -> np.ndarray:
+    """A stored frame as players show it: turned by its display matrix's rotation (degrees
+    counterclockwise, to the nearest quarter turn); ``back=True`` turns it back."""
+    turns = round((rotation or 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, -turns if back else turns)) if turns else rgb
 
 
 def _frame_time(frame: Any, stream: Any, index: int, fps: float | None) -> float | None:
@@ -477,16 +494,21 @@ def _write_video(info: VideoInfo, actions: dict[int, str], tmp: Path, guard: Any
         vout.pix_fmt = vin.codec_context.pix_fmt or "yuv420p"
         # the input's time base, so that every frame keeps its timestamp (variable frame rates too)
         vout.time_base = vout.codec_context.time_base = vin.time_base
+        rotation = _rotation(info.path)  # the display matrix goes in before any packet is written
+        if rotation:
+            vout.set_display_rotation(rotation)
         audio = {s.index: dst.add_stream_from_template(s) for s in src.streams.audio}
         pending: list[Any] = []
 
         def flush() -> None:
             index = [i for i, (n, _) in enumerate(pending) if actions.get(n, "none") != "none"]
             if index:
-                rgb = [pending[i][1].to_ndarray(format="rgb24") for i in index]
+                # censored as shown (a placeholder card stays upright), stored as before
+                rgb = [_upright(pending[i][1].to_ndarray(format="rgb24"), rotation) for i in index]
                 censored = censor_frames(rgb, [actions[pending[i][0]] for i in index], guard)
                 for i, image in zip(index, censored):
                     old = pending[i][1]
+                    image = _upright(image, rotation, back=True)
                     new = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=vout.pix_fmt)
                     new.pts, new.time_base = old.pts, old.time_base
                     pending[i] = (pending[i][0], new)

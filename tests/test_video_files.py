@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from nsfw_safety import SafetyFilter, load_detector
-from nsfw_safety.censor import pixelate
+from nsfw_safety.censor import default_card, pixelate, place
 from nsfw_safety.frames import VideoError, VideoLimits, VideoTooLarge, probe, read_frames, write_censored
 from nsfw_safety.video import check_video
 from videos import SIZE, pictures, write_animation, write_audio_only, write_video
@@ -240,6 +240,30 @@ def test_corrupt_bytes_mid_stream(eva_safe_dir, tmp_path):
     result = check_video(path, SafetyFilter(load_detector(str(eva_safe_dir), device="cpu")))
     n = len(result.checked)
     assert result.flagged and n < 24 and result.reason.startswith(f"checked {n} of 24 frames, then: ")
+
+
+def test_a_rotated_video_is_checked_and_censored_as_players_show_it(eva_nsfw_dir, detector, tmp_path):
+    pics = pictures(4)
+    path = write_video(tmp_path / "r.mp4", pics, rotation=90, audio=False)
+    shown = decoded(path)
+    assert all(im.shape == (SIZE[1], SIZE[0], 3) for im in shown)  # stored 64 wide, shown 48 wide
+    gradient = np.asarray(pics[0]).astype(int)  # turned 90 degrees counterclockwise, not clockwise
+    assert np.abs(shown[0] - np.rot90(gradient)).mean() < 3 < np.abs(shown[0] - np.rot90(gradient, -1)).mean()
+    scores = detector.predict(shown).levels
+    result = check_video(path, SafetyFilter(detector))
+    assert torch.allclose(result.scores.levels, scores)
+    guard = SafetyFilter(load_detector(str(eva_nsfw_dir), device="cpu"), action="placeholder")
+    result = check_video(path, guard)
+    copy = write_censored(path, result, tmp_path / "c.mp4", guard)
+    card = (place(torch.zeros(1, 3, SIZE[1], SIZE[0]), default_card())[0].permute(1, 2, 0) * 255).numpy()
+    for frame in read_frames(copy):  # the card reads upright where the video is shown
+        assert frame.image.shape == card.shape and np.abs(frame.image - card).mean() < 6
+
+
+def test_a_video_with_two_video_streams_is_refused(detector, tmp_path):
+    path = write_video(tmp_path / "two.mp4", pictures(3), audio=False, streams=2)
+    with pytest.raises(VideoError, match="has 2 video streams"):
+        check_video(path, SafetyFilter(detector))
 
 
 def test_a_video_without_a_video_stream(detector, tmp_path):

@@ -34,25 +34,31 @@ def write_animation(path: Path, frames: list[Image.Image], durations: list[int],
 
 
 def write_video(path: Path, frames: list[np.ndarray] | list[Image.Image], *, rate: int = 8, audio: bool = True,
-                pts: list[int] | None = None, faststart: bool = False) -> Path:
+                pts: list[int] | None = None, faststart: bool = False, rotation: int = 0, streams: int = 1) -> Path:
     """A video of RGB ``frames`` at ``rate`` frames per second (or at ``pts`` in 1/rate units: a
-    variable frame rate), with a second of silence per ``rate`` frames as audio when asked."""
+    variable frame rate), with a second of silence per ``rate`` frames as audio when asked;
+    ``rotation``: a display matrix (degrees counterclockwise); ``streams``: that many copies of
+    the video stream."""
     import av
 
     suffix = path.suffix
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as container:
-        stream = container.add_stream(VIDEO_CODECS[suffix], rate=rate)
+        videos = [container.add_stream(VIDEO_CODECS[suffix], rate=rate) for _ in range(streams)]
         first = np.asarray(frames[0])
-        stream.height, stream.width = first.shape[:2]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.time_base = Fraction(1, rate)
+        for stream in videos:
+            stream.height, stream.width = first.shape[:2]
+            stream.pix_fmt = "yuv420p"
+            stream.codec_context.time_base = Fraction(1, rate)
+            if rotation:
+                stream.set_display_rotation(rotation)
         sound = container.add_stream(AUDIO_CODECS[suffix], rate=48000, layout="mono") if audio else None
-        for i, frame in enumerate(frames):
-            out = av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")
-            out.pts, out.time_base = (pts[i] if pts else i), Fraction(1, rate)
-            container.mux(stream.encode(out))
-        container.mux(stream.encode())
+        for stream in videos:
+            for i, frame in enumerate(frames):
+                out = av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")
+                out.pts, out.time_base = (pts[i] if pts else i), Fraction(1, rate)
+                container.mux(stream.encode(out))
+            container.mux(stream.encode())
         if sound is not None:
             fmt = sound.codec_context.format
             samples = np.zeros((1, 48000 * len(frames) // rate), np.int16 if fmt.name.startswith("s16") else np.float32)
