@@ -6,7 +6,9 @@
   ``ModelMixin``, so it follows ``pipe.to()``, offloading and ``save_pretrained``.
 * :func:`attach` makes a pipeline hand its decoded tensor straight to the checker, on the
   tensor's device: no PIL round trip, no CLIP feature extractor. It also guards pipelines that
-  have no ``safety_checker`` (SDXL, SD3, Flux, ...) at ``pipe.image_processor.postprocess``.
+  have no ``safety_checker`` (SDXL, SD3, Flux, ...) at ``pipe.image_processor.postprocess``, and
+  video pipelines (Wan, CogVideoX, LTX, HunyuanVideo, Mochi, AnimateDiff, SVD) at
+  ``pipe.video_processor.postprocess_video``, frame by frame.
 
 Both only adapt :class:`nsfw_safety.SafetyFilter` to diffusers' conventions; scoring,
 thresholds and censoring all happen there.
@@ -27,6 +29,8 @@ import torch
 # method by looking its base classes up in the component's own module.
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.video_processor import VideoProcessor
+from PIL import Image
 from transformers import CLIPImageProcessor
 
 from .censor import CensorSettings
@@ -34,6 +38,7 @@ from .detector import Detector, load_detector, resolve_dtype
 from .filter import FilterResult, SafetyFilter
 from .inputs import tensor_to_pil
 from .levels import DEFAULT_LEVEL, DEFAULT_THRESHOLD
+from .video import VideoBatchResult, check_videos
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +84,20 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
     compute dtype. The detector always runs in :attr:`compute_dtype`.
 
     Attributes:
-        last_result: the :class:`FilterResult` of the last call (scores, reasons, actions), or
-            None when the last pipeline call was not checked (``output_type="latent"``), whether
-            the checker was passed as ``safety_checker=`` or attached.
+        last_result: the :class:`FilterResult` of the last call (scores, reasons, actions); for a
+            video pipeline a :class:`~nsfw_safety.video.VideoBatchResult` (per video: flagged
+            frames, their scores, what was censored); None when the last pipeline call was not
+            checked (``output_type="latent"``), whether the checker was passed as
+            ``safety_checker=`` or attached.
         feature_extractor: a light feature extractor for pipelines built without one.
+        video_window: video pipelines: also censor this many frames either side of a flagged
+            frame (see :func:`nsfw_safety.video.check_video`); default 0.
+        video_censor: video pipelines: ``"frames"`` (default) or ``"clip"`` (every frame of a
+            video with a flagged frame).
     """
+
+    video_window: int = 0
+    video_censor: str = "frames"
 
     config_name = "config.json"
 
@@ -250,6 +264,21 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
             self.last_result = None
         self._checked = False
 
+    def check_videos(self, videos: torch.Tensor, *, layout: str = "BCFHW") -> VideoBatchResult:
+        """Check a batch of videos frame by frame, keep the result in :attr:`last_result`, and log
+        what was flagged.
+
+        Args:
+            videos: (B, C, F, H, W) float in [0, 1], a video pipeline's decoded frames (or another
+                ``layout`` of :func:`nsfw_safety.video.check_videos`).
+        """
+        result = check_videos(videos, self.guard, window=self.video_window, censor=self.video_censor, layout=layout)
+        self.last_result, self._checked = result, True
+        if result.any_flagged:
+            hits = [f"video {i}: {v.reason}" for i, v in enumerate(result.videos) if v.flagged]
+            log.warning("nsfw-safety flagged %d of %d videos (%s)", len(hits), len(result.videos), "; ".join(hits))
+        return result
+
     def forward(self, images: torch.Tensor | np.ndarray, clip_input: Any = None) -> tuple[Any, list[bool]]:
         """The ``safety_checker`` call of the SD pipelines.
 
@@ -294,6 +323,10 @@ def attach(pipe: Any, checker_or_filter: NSFWSafetyChecker | SafetyFilter | Dete
     * Pipelines without one (SDXL, SD3, Flux, and others that decode and then call
       ``pipe.image_processor.postprocess``): that call is wrapped; flagged images are censored
       before they are converted.
+    * Video pipelines (those with a ``pipe.video_processor``: Wan, CogVideoX, LTX, HunyuanVideo,
+      Mochi, AnimateDiff, SVD): ``postprocess_video`` is wrapped; every frame is checked, flagged
+      frames (and ``checker.video_window`` frames either side) are censored, and
+      ``last_result`` is a :class:`~nsfw_safety.video.VideoBatchResult` with per-frame flags.
 
     ``output_type="latent"`` is never checked: the first such call logs a warning and sets
     ``last_result`` to None. Call :func:`detach` to undo.
@@ -306,8 +339,8 @@ def attach(pipe: Any, checker_or_filter: NSFWSafetyChecker | SafetyFilter | Dete
     Returns:
         The checker, also at ``pipe.nsfw_safety``; its ``last_result`` holds each call's scores.
     Raises:
-        TypeError: the pipeline has neither seam, or returns a 3-tuple from its safety checker
-            (x4 upscaler, DeepFloyd IF) and has no ``image_processor`` either.
+        TypeError: the pipeline has none of the seams, or returns a 3-tuple from its safety
+            checker (x4 upscaler, DeepFloyd IF) and has no ``image_processor`` either.
     """
     checker = _as_checker(checker_or_filter, kwargs)
     if "nsfw_safety" in vars(pipe):
@@ -333,6 +366,22 @@ def attach(pipe: Any, checker_or_filter: NSFWSafetyChecker | SafetyFilter | Dete
         pipe.register_modules(safety_checker=checker, feature_extractor=old_extractor or checker.feature_extractor)
         undo.append(lambda: pipe.register_modules(safety_checker=old_checker, feature_extractor=old_extractor))
         _patch(pipe, "run_safety_checker", run_safety_checker, undo)
+    elif isinstance(getattr(pipe, "video_processor", None), VideoProcessor):
+        videos = pipe.video_processor
+        postprocess_video_original = videos.postprocess_video
+
+        def postprocess_video(video, output_type="np", **kw):
+            if output_type == "latent" or not isinstance(video, torch.Tensor):
+                return postprocess_video_original(video, output_type, **kw)
+            follow(video)
+            # (B, C, F, H, W) to [0, 1] exactly as the processor would, so unflagged frames come out unchanged
+            unit = videos.denormalize(video) if videos.config.do_normalize else video
+            result = checker.check_videos(unit, layout="BCFHW")
+            state["checked"] = True
+            kw["do_denormalize"] = [False] * video.shape[2]  # postprocess sees each video as F images
+            return postprocess_video_original(result.frames, output_type, **kw)
+
+        _patch(videos, "postprocess_video", postprocess_video, undo)
     elif isinstance(getattr(pipe, "image_processor", None), VaeImageProcessor):
         processor = pipe.image_processor
         postprocess_original = processor.postprocess
@@ -351,8 +400,9 @@ def attach(pipe: Any, checker_or_filter: NSFWSafetyChecker | SafetyFilter | Dete
 
         _patch(processor, "postprocess", postprocess, undo)
     else:
-        raise TypeError(f"cannot attach to {type(pipe).__name__}: it has neither a safety_checker that "
-                        f"returns (images, flags) nor a VaeImageProcessor at pipe.image_processor")
+        raise TypeError(f"cannot attach to {type(pipe).__name__}: it has no safety_checker that returns "
+                        f"(images, flags), no VideoProcessor at pipe.video_processor and no VaeImageProcessor "
+                        f"at pipe.image_processor")
 
     free_original = pipe.maybe_free_model_hooks
 
