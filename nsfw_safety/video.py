@@ -207,9 +207,8 @@ def _verdict(guard: SafetyFilter, total: int, checked: list[int], times: list[fl
     problems: list[str | None] = []
     levels = None
     if scores is not None:
-        flags = guard.policy.flag(scores.levels, scores.valid).tolist()  # the one host read
-        problems = scores.problems()
-        frame_reasons = guard.policy.reasons(scores.levels, flags, problems)
+        verdict = guard.policy.decide(scores)  # the one host read
+        flags, problems, frame_reasons = verdict.flagged, verdict.problems, verdict.reasons
         top = scores.levels.float().max(0).values
         levels = dict(zip(LEVELS, top.cpu().tolist()))
     flagged_frames = [i for i, f in zip(checked, flags) if f]
@@ -221,7 +220,9 @@ def _verdict(guard: SafetyFilter, total: int, checked: list[int], times: list[fl
         raise AssertionError("no frame was scored and no error was recorded")
     else:
         problem = next((p for p in problems if p is not None), None)
-        summary = guard.policy.reasons(torch.tensor([list(levels.values())]), [bool(flagged_frames)], [problem])[0]
+        # the rule read on the video's levels (the max over its frames), as for one image
+        summary = problem or guard.policy.decide(
+            Scores(top[None], top[None], LEVELS, torch.zeros(1, dtype=torch.int8, device=top.device))).reasons[0]
         if flagged_frames:
             where = _ranges_text(flagged_frames, dict(zip(checked, times)))
             reason = f"{head}; flagged {len(flagged_frames)}: {where}; {summary}"
