@@ -14,7 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -23,6 +22,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from censor_gallery import scene, strip  # noqa: E402
 
+from nsfw_safety.inputs import pil_to_tensor, tensor_to_pil, unit  # noqa: E402
 from nsfw_safety.regions import NUDENET_LABELS, Regions, censor_regions, region_mask  # noqa: E402
 
 #: Hand-placed boxes (x1, y1, x2, y2) on the 512 px scene: the sign, the house, the sun.
@@ -38,10 +38,8 @@ def fake_regions(size: int) -> Regions:
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) or (H, W) float in [0, 1] -> PIL."""
-    a = (x.clamp(0, 1) * 255).round().byte()
-    a = a.permute(1, 2, 0) if a.dim() == 3 else a
-    return Image.fromarray(a.numpy())
+    """(3, H, W) float in [0, 1], or a (H, W) mask shown in gray -> PIL."""
+    return tensor_to_pil(x if x.dim() == 3 else x.expand(3, -1, -1))
 
 
 def outlined(im: Image.Image) -> Image.Image:
@@ -59,7 +57,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     original = scene()
-    x = torch.from_numpy(np.asarray(original).copy()).permute(2, 0, 1)[None].float() / 255
+    x = unit(pil_to_tensor(original)[0])[None]
     regions = fake_regions(original.width)
     masks = {
         "rectangle": region_mask(regions, shape="rectangle"),
