@@ -219,6 +219,23 @@ def test_attach_flags_everything_and_nothing(eva_nsfw_dir, eva_safe_dir):
     assert np.array_equal(run(pipe, kwargs, "np"), plain) and checker.last_result.flagged == [False, False]
 
 
+@pytest.mark.parametrize("offload", ["model", pytest.param("sequential", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_attach_under_cpu_offload(eva_dir, offload):
+    """The checker is no component of these pipelines: it follows the decoded images' device."""
+    pipe, kwargs = flux()
+    plain = run(pipe, kwargs, "pt")
+    rule = split_rule(eva_dir, plain)
+    device = "cuda" if offload == "sequential" else "cpu"  # accelerate's sequential hooks fail on the CPU
+    getattr(pipe, f"enable_{offload}_cpu_offload")(device=device)
+    checker = attach(pipe, model=str(eva_dir), threshold=rule.threshold, action="black", device="cpu", dtype="fp32")
+    out = run(pipe, kwargs, "pt")
+    assert checker.last_result.flagged == rule.flags and checker.device.type == out.device.type == device
+    out = out.cpu()
+    assert bool(out[rule.hit].eq(0).all())
+    torch.testing.assert_close(out[rule.clean], plain[rule.clean], atol=1e-2 if device == "cuda" else 0, rtol=0)
+
+
 def kandinsky22() -> KandinskyV22Pipeline:
     """Kandinsky 2.2 decodes with its MoVQ and converts the images itself, inside ``__call__``."""
     torch.manual_seed(0)
