@@ -408,7 +408,8 @@ def _as_checker(checker_or_filter: Any, kwargs: dict) -> NSFWSafetyChecker:
 
 def _unguardable(pipe: Any) -> str:
     """Why :func:`attach` finds no seam in ``pipe``."""
-    seams = "it has neither a safety_checker that returns (images, flags) nor a VaeImageProcessor at pipe.image_processor"
+    seams = ("it has neither a safety_checker that returns (images, flags) nor a VaeImageProcessor at "
+             "pipe.image_processor")
     processor = getattr(pipe, "image_processor", None)
     if processor is not None:
         return (f"{seams}; its image_processor is a {type(processor).__name__}, whose postprocess "

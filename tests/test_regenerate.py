@@ -147,7 +147,8 @@ def test_regenerate_with_attach_replaces_only_the_flagged_images(flux_case, outp
 def test_regenerate_gives_up_after_max_attempts(flux_case):
     pipe, kwargs, seeds, level, tmp = flux_case
     attach(pipe, model=str(write_brightness_vit(tmp / "dark", level=0.0)), action="pixelate", device="cpu")
-    out = regenerate(pipe, seeds[:2], max_attempts=2, output_type="np", **SMALL, **{k: v[:2] for k, v in kwargs.items()})
+    two = {k: v[:2] for k, v in kwargs.items()}
+    out = regenerate(pipe, seeds[:2], max_attempts=2, output_type="np", **SMALL, **two)
     assert out.flagged == [True, True] and out.actions == ["pixelate", "pixelate"]
     assert out.seeds == [[s, s + 2**32] for s in seeds[:2]]
     assert out.images.shape == (2, SIZE, SIZE, 3) and out.images.dtype == np.float32
@@ -160,7 +161,8 @@ def test_regenerate_with_the_dropin_checker(tmp_path):
 
     @functools.cache
     def make(seed):
-        return pipe(PROMPTS[0], **SMALL, output_type="pt", guidance_scale=1.0, generator=[torch.Generator().manual_seed(seed)]).images[0]
+        return pipe(PROMPTS[0], **SMALL, output_type="pt", guidance_scale=1.0,
+                    generator=[torch.Generator().manual_seed(seed)]).images[0]
 
     means = sorted(brightness(torch.stack([make(s) for s in seeds])))
     level = (means[1] + means[2]) / 2
