@@ -91,9 +91,29 @@ def run_loader(model: str, dtype: str) -> tuple[Detector]:
     return (management.load(model, dtype),)
 
 
-def run_filter(images: torch.Tensor, detector: Detector, level: str, threshold: float, action: str) -> tuple:
-    """(censored images, any flagged, max score, JSON report, flag mask)."""
+class WorkflowStopped(RuntimeError):
+    """Raised by the filter with ``stop_on_flag`` on: ComfyUI ends the prompt there, shows the
+    message in the UI (an execution error, also in ``/history``), and runs no later node."""
+
+
+def stop_message(result: FilterResult, shown: int = 8) -> str:
+    """Which images were flagged and why, for the UI; the first ``shown`` of them."""
+    hits = [f"#{i}: {reason}" for i, (flag, reason) in enumerate(zip(result.flagged, result.reasons)) if flag]
+    more = f"; and {len(hits) - shown} more" if len(hits) > shown else ""
+    return (f"NSFW Safety Filter stopped the workflow: {len(hits)} of {len(result.flagged)} images flagged "
+            f"({'; '.join(hits[:shown])}{more}). No later node received them.")
+
+
+def run_filter(images: torch.Tensor, detector: Detector, level: str, threshold: float, action: str,
+               stop_on_flag: bool = False) -> tuple:
+    """(censored images, any flagged, max score, JSON report, flag mask).
+
+    Raises:
+        WorkflowStopped: ``stop_on_flag`` is on and an image is flagged (or could not be checked).
+    """
     result = guard(images, detector, level, threshold, action)
+    if stop_on_flag and result.any_flagged:
+        raise WorkflowStopped(stop_message(result))
     return (result.images, result.any_flagged, max_score(result, level),
             report(result, detector, level, threshold, action), flag_mask(result, images))
 
@@ -142,7 +162,9 @@ NODES: tuple[Node, ...] = (
          "Scores the whole batch and censors the flagged images (fails closed).",
          "filter", run_filter,
          inputs=_rule_inputs("what to do with flagged images; none only flags them. "
-                             "Images that could not be checked are always black"),
+                             "Images that could not be checked are always black") + (
+             Input("stop_on_flag", "BOOLEAN", "stop the whole workflow with an error when any image is flagged, "
+                   "so no later node (save, upload, API output) receives the batch", default=False, optional=True),),
          outputs=(Output("IMAGE", "images", "the input with flagged images censored"),
                   Output("BOOLEAN", "nsfw", "true if any image is flagged"),
                   Output("FLOAT", "max_score", "the highest score of the chosen level in the batch"),

@@ -1,32 +1,37 @@
-"""The same nodes for ComfyUI's V3 API (``comfy_api.latest``), with the same node ids.
+"""The same nodes for ComfyUI's V3 API, pinned to one ``comfy_api`` version, with the same node ids.
 
-The classes are generated from the one table, :data:`.nodes.NODES`, as the classic ones are.
-Where ``comfy_api`` cannot be imported (older ComfyUI, plain Python) this module still imports,
-with ``AVAILABLE = False`` and no ``comfy_entrypoint``. ComfyUI never calls ``comfy_entrypoint``
-of a module that also exports ``NODE_CLASS_MAPPINGS``, so the pack's root ``__init__.py``
-exports this entry point instead of the V1 mappings only when asked to
-(``NSFW_SAFETY_NODE_API=v3``).
+ComfyUI advises pinning a versioned ``comfy_api`` (``latest`` may still change), so the classes
+are written against :data:`API_VERSION`. They are generated from the one table,
+:data:`.nodes.NODES`, as the classic ones are. Where that version cannot be imported (an older
+ComfyUI, plain Python) this module still imports, with ``AVAILABLE = False`` and no
+``comfy_entrypoint``; the package then registers the classic nodes (see ``comfyui_node/__init__.py``).
 """
 
 from __future__ import annotations
 
+import importlib
+
 from . import nodes, schema
 
-try:
-    from comfy_api.latest import ComfyExtension, io
-except ImportError:  # ComfyUI without the V3 API, or no ComfyUI at all
-    ComfyExtension = io = None
+#: The ``comfy_api`` version the V3 classes are written against (its ``io`` and ``ComfyExtension``).
+API_VERSION = "v0_0_2"
 
-AVAILABLE = io is not None
+try:
+    _api = importlib.import_module(f"comfy_api.{API_VERSION}")
+except ImportError:  # ComfyUI without this version of the V3 API, or no ComfyUI at all
+    _api = None
+
+AVAILABLE = _api is not None
 
 if AVAILABLE:
+    io, ComfyExtension = _api.io, _api.ComfyExtension
     NODE_CLASSES = {node.node_id: schema.v3(io, node) for node in nodes.NODES}
     NSFWDetectorLoader = NODE_CLASSES["NSFWDetectorLoader"]
     NSFWSafetyFilter = NODE_CLASSES["NSFWSafetyFilter"]
     NSFWSafetySwitch = NODE_CLASSES["NSFWSafetySwitch"]
 
     class NSFWSafetyExtension(ComfyExtension):
-        async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        async def get_node_list(self) -> list[type]:
             return list(NODE_CLASSES.values())
 
     async def comfy_entrypoint() -> NSFWSafetyExtension:

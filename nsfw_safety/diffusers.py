@@ -68,10 +68,15 @@ def light_feature_extractor() -> CLIPImageProcessor:
 class NSFWSafetyChecker(ModelMixin, ConfigMixin):
     """A ``safety_checker`` for diffusers pipelines that blurs (or blocks) NSFW images.
 
-    Make one with :meth:`from_pretrained`, or wrap a :class:`SafetyFilter` you built.
+    Make one with :meth:`from_pretrained`, from a detector you loaded
+    (``NSFWSafetyChecker(detector, level="high", action="black")``), or around a
+    :class:`SafetyFilter` you built (``NSFWSafetyChecker(SafetyFilter(detector, ...))``).
 
     Args:
-        guard: the filter that scores and censors.
+        guard: the filter that scores and censors, or a :class:`Detector` to build one over.
+        level, threshold, settings: with a detector, the :class:`SafetyFilter` settings
+            (``thresholds``, ``action``, ``on_error``, ``blur_strength``, ``block``, ``color``,
+            ``placeholder``); unset ones keep the filter's defaults. Not allowed with a filter.
         dtype: the compute dtype, kept whatever dtype the pipeline casts its components to;
             default: the detector's own if it was loaded in a non-default dtype, else "auto"
             (bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere, re-applied whenever the
@@ -101,10 +106,17 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
 
     config_name = "config.json"
 
-    def __init__(self, guard: SafetyFilter, *, dtype: torch.dtype | str | None = None, model: str | None = None):
+    def __init__(self, guard: SafetyFilter | Detector, level: str | None = None, threshold: float | None = None, *,
+                 dtype: torch.dtype | str | None = None, model: str | None = None, **settings):
         super().__init__()
-        if not isinstance(guard, SafetyFilter):
-            raise TypeError(f"guard must be a SafetyFilter, got {type(guard).__name__}")
+        rule = {k: v for k, v in dict(level=level, threshold=threshold).items() if v is not None}
+        if isinstance(guard, Detector):
+            guard = SafetyFilter(guard, **rule, **settings)
+        elif not isinstance(guard, SafetyFilter):
+            raise TypeError(f"guard must be a SafetyFilter or a Detector, got {type(guard).__name__}")
+        elif rule or settings:
+            raise TypeError(f"settings {sorted(rule | settings)} cannot be combined with a ready SafetyFilter: "
+                            f"give them to the SafetyFilter, or pass its detector instead")
         detector = guard.detector
         self.guard = guard
         self.classifier = detector.model  # a submodule, so the pipeline's .to() and offload move it
@@ -243,12 +255,14 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
     # --- checking ------------------------------------------------------------------------------
 
     def check(self, images: torch.Tensor | np.ndarray, *, value_range=(0.0, 1.0), layout: str | None = None,
-              censored_range=None) -> FilterResult:
+              censored_range=None, guard: SafetyFilter | None = None) -> FilterResult:
         """Run the filter, keep the result in :attr:`last_result`, and log what was flagged.
 
-        Arguments as for :meth:`SafetyFilter.__call__`.
+        Arguments as for :meth:`SafetyFilter.__call__`; ``guard`` is a filter to use for this call
+        instead of :attr:`guard` (other settings over the same detector).
         """
-        result = self.guard(images, value_range=value_range, layout=layout, censored_range=censored_range)
+        guard = self.guard if guard is None else guard
+        result = guard(images, value_range=value_range, layout=layout, censored_range=censored_range)
         self.last_result, self._checked = result, True
         if result.any_flagged:
             hits = [f"#{i}: {r} -> {a}" for i, (f, r, a) in enumerate(zip(result.flagged, result.reasons,
@@ -400,9 +414,7 @@ def attach(pipe: Any, checker_or_filter: NSFWSafetyChecker | SafetyFilter | Dete
 
         _patch(processor, "postprocess", postprocess, undo)
     else:
-        raise TypeError(f"cannot attach to {type(pipe).__name__}: it has no safety_checker that returns "
-                        f"(images, flags), no VideoProcessor at pipe.video_processor and no VaeImageProcessor "
-                        f"at pipe.image_processor")
+        raise TypeError(f"cannot attach to {type(pipe).__name__}: {_unguardable(pipe)}")
 
     free_original = pipe.maybe_free_model_hooks
 
@@ -453,6 +465,22 @@ def _as_checker(checker_or_filter: Any, kwargs: dict) -> NSFWSafetyChecker:
         return NSFWSafetyChecker(checker_or_filter)
     raise TypeError(f"checker_or_filter must be an NSFWSafetyChecker, SafetyFilter, Detector or None, "
                     f"got {type(checker_or_filter).__name__}")
+
+
+def _unguardable(pipe: Any) -> str:
+    """Why :func:`attach` finds no seam in ``pipe``."""
+    seams = ("it has no safety_checker that returns (images, flags), no VideoProcessor at "
+             "pipe.video_processor and no VaeImageProcessor at pipe.image_processor")
+    processor = getattr(pipe, "image_processor", None)
+    if processor is not None:
+        return (f"{seams}; its image_processor is a {type(processor).__name__}, whose postprocess "
+                f"cannot be relied on to receive the decoded images")
+    decoder = next((n for n in ("movq", "vae", "vqvae") if isinstance(getattr(pipe, n, None), torch.nn.Module)), None)
+    if decoder is not None:
+        return (f"{seams}; it turns the output of pipe.{decoder} into images itself, inside __call__, so no "
+                f"call sees the decoded images before they are returned: check the output with "
+                f"SafetyFilter, or generate with output_type='pt' and check that")
+    return seams
 
 
 def _has_two_tuple_checker(pipe: Any) -> bool:

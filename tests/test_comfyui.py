@@ -75,14 +75,14 @@ def test_classic_schema():
             assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
         spec = cls.INPUT_TYPES()
         assert set(spec) <= {"required", "optional", "hidden"} and spec["required"]
-        for name, entry in spec["required"].items():
+        for name, entry in {**spec["required"], **spec.get("optional", {})}.items():
             assert isinstance(entry, tuple) and 1 <= len(entry) <= 2, name
             kind, options = entry[0], (entry[1] if len(entry) == 2 else {})
             if isinstance(kind, list):  # combo: the default must be one of the choices
                 assert kind and all(isinstance(c, str) for c in kind)
                 assert options.get("default", kind[0]) in kind, name
             else:
-                assert kind in ("IMAGE", "FLOAT", "NSFW_DETECTOR"), name
+                assert kind in ("IMAGE", "FLOAT", "BOOLEAN", "NSFW_DETECTOR"), name
             if kind == "FLOAT":
                 assert options["min"] <= options["default"] <= options["max"]
     assert NODE_CLASS_MAPPINGS["NSFWDetectorLoader"].RETURN_TYPES == ("NSFW_DETECTOR",)
@@ -91,6 +91,10 @@ def test_classic_schema():
     assert levels == ["low", "medium", "high"]
     assert nodes.NSFWSafetyFilter.INPUT_TYPES()["required"]["action"][0] == [
         "blur", "pixelate", "black", "placeholder", "none"]
+    # added later, so optional: a saved API workflow without it still validates
+    kind, options = nodes.NSFWSafetyFilter.INPUT_TYPES()["optional"]["stop_on_flag"]
+    assert kind == "BOOLEAN" and options["default"] is False and "stop the whole workflow" in options["tooltip"]
+    assert "optional" not in nodes.NSFWSafetySwitch.INPUT_TYPES()
 
 
 def test_classic_classes_are_generated_from_the_table():
@@ -103,11 +107,13 @@ def test_classic_classes_are_generated_from_the_table():
         assert cls.RETURN_TYPES == tuple(o.type for o in node.outputs)
         assert cls.RETURN_NAMES == tuple(o.name for o in node.outputs)
         assert cls.OUTPUT_TOOLTIPS == tuple(o.tooltip for o in node.outputs)
-        required = cls.INPUT_TYPES()["required"]
-        assert list(required) == [i.name for i in node.inputs]
+        spec = cls.INPUT_TYPES()
+        assert list(spec["required"]) == [i.name for i in node.inputs if not i.optional]
+        assert list(spec.get("optional", {})) == [i.name for i in node.inputs if i.optional]
         for i in node.inputs:
             kind = list(i.choices()) if i.type == schema.COMBO else i.type
-            assert required[i.name] == ((kind, i.options()) if i.options() else (kind,)), i.name
+            entry = spec["optional" if i.optional else "required"][i.name]
+            assert entry == ((kind, i.options()) if i.options() else (kind,)), i.name
 
 
 def test_choices_and_defaults_come_from_the_core(models_dir):
@@ -286,6 +292,36 @@ def test_filter_rejects_what_is_not_an_image_batch(models_dir):
         run_filter(comfy_images(1), detector, level="neutral")
 
 
+def test_filter_stops_the_workflow_on_a_flag(models_dir):
+    images = comfy_images(3)
+    detector = load("tiny-eva")
+    medium = detector.predict(images, layout="BHWC").levels[:, 2]
+    threshold = float(medium.median())  # the middle one and the highest are flagged
+    hits = [i for i in range(3) if medium[i] >= threshold]
+    # off by default: the outputs as usual
+    out, nsfw, *_ = run_filter(images, detector, "medium", threshold, "blur")
+    assert nsfw is True and not torch.equal(out, images)
+    # on: the node raises, so ComfyUI ends the prompt there and shows the message
+    with pytest.raises(nodes.WorkflowStopped) as stopped:
+        nodes.NSFWSafetyFilter().filter(images, detector, "medium", threshold, "blur", stop_on_flag=True)
+    reasons = "; ".join(f"#{i}: medium {float(medium[i]):.2f} >= {threshold:.2f}" for i in hits)
+    assert str(stopped.value) == (f"NSFW Safety Filter stopped the workflow: 2 of 3 images flagged ({reasons}). "
+                                  f"No later node received them.")
+    # on, nothing flagged: the batch passes untouched
+    out, nsfw, *_ = nodes.NSFWSafetyFilter().filter(images, load("tiny-eva-safe"), "medium", 0.5, "blur",
+                                                    stop_on_flag=True)
+    assert nsfw is False and torch.equal(out, images)
+    # fail closed: an image that could not be checked stops it too, whatever the model says
+    bad = images.clone()
+    bad[2, 0, 0, 0] = float("nan")
+    with pytest.raises(nodes.WorkflowStopped, match=r"1 of 3 images flagged \(#2: non-finite input\)"):
+        nodes.NSFWSafetyFilter().filter(bad, load("tiny-eva-safe"), "medium", 0.5, "none", stop_on_flag=True)
+    # a long list is cut short
+    many = comfy_images(12)
+    with pytest.raises(nodes.WorkflowStopped, match=r"12 of 12 images flagged \(#0: .*#7: [^;]*; and 4 more\)"):
+        nodes.NSFWSafetyFilter().filter(many, load("tiny-eva-nsfw"), "medium", 0.5, "black", stop_on_flag=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_filter_on_gpu_keeps_the_cpu_image(models_dir):
@@ -403,18 +439,26 @@ print(sorted(module.NODE_CLASS_MAPPINGS), nsfw_safety.__file__)
 
 # --- V3 ----------------------------------------------------------------------------------------
 
-def test_v3_is_absent_without_comfy_api(monkeypatch, caplog):
+def test_v1_where_the_pinned_v3_api_is_missing(monkeypatch, caplog):
+    """An older ComfyUI: no comfy_api at all, or one without the pinned version."""
     from comfyui_node import v3
 
     assert v3.AVAILABLE is False and not hasattr(v3, "comfy_entrypoint")
     monkeypatch.setenv("NSFW_SAFETY_NODE_API", "v3")
     with caplog.at_level(logging.WARNING):
         pack = import_like_comfyui(ROOT)
-    assert "NODE_CLASS_MAPPINGS" in vars(pack) and "no comfy_api" in caplog.text
+    assert "NODE_CLASS_MAPPINGS" in vars(pack) and "comfy_entrypoint" not in vars(pack)
+    assert f"has no comfy_api.{v3.API_VERSION}: using the classic nodes" in caplog.text
+    monkeypatch.delenv("NSFW_SAFETY_NODE_API")
+    monkeypatch.setitem(sys.modules, "comfy_api", types.ModuleType("comfy_api"))
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", _fake_comfy_api())  # only an unpinned API
+    pack = import_like_comfyui(ROOT)
+    assert set(pack.__all__) == {"NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"}
+    assert list(pack.NODE_CLASS_MAPPINGS) == [n.node_id for n in nodes.NODES]
 
 
 def _fake_comfy_api() -> types.ModuleType:
-    """The slice of ``comfy_api.latest`` the V3 module uses, recording what it is given."""
+    """The slice of a versioned ``comfy_api`` (``v0_0_2``) the V3 module uses, recording what it is given."""
 
     class Socket:
         def __init__(self, *args, **kwargs):
@@ -424,24 +468,26 @@ def _fake_comfy_api() -> types.ModuleType:
         sock = type(f"{io_type}Socket", (Socket,), {"io_type": io_type})
         return type(io_type, (), {"io_type": io_type, "Input": sock, "Output": sock})
 
-    io = types.ModuleType("comfy_api.latest.io")  # a module, as the real one is
+    io = types.ModuleType("comfy_api.v0_0_2.io")  # a module, as the real one is
     vars(io).update(
         ComfyNode=type("ComfyNode", (), {}), Schema=lambda **kw: types.SimpleNamespace(**kw),
         NodeOutput=lambda *values: values, Custom=socket_type,
         **{n: socket_type(n.upper()) for n in ("Image", "Mask", "Boolean", "Float", "String", "Combo")})
-    latest = types.ModuleType("comfy_api.latest")
-    latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})
-    return latest
+    api = types.ModuleType("comfy_api.v0_0_2")
+    api.io, api.ComfyExtension = io, type("ComfyExtension", (), {})
+    return api
 
 
 def assert_v3_matches_classic(v3_node: type, classic: type) -> None:
     """The V3 schema states exactly what the classic attributes state, input by input."""
     v3 = v3_node.define_schema()
     assert (v3.node_id, v3.category, v3.description) == (classic.__name__, classic.CATEGORY, classic.DESCRIPTION)
-    required = classic.INPUT_TYPES()["required"]
-    assert [i.args for i in v3.inputs] == [(name,) for name in required]
-    for socket, (kind, *options) in zip(v3.inputs, required.values()):
+    spec = classic.INPUT_TYPES()
+    given = {**spec["required"], **spec.get("optional", {})}
+    assert [i.args for i in v3.inputs] == [(name,) for name in given]
+    for socket, (name, (kind, *options)) in zip(v3.inputs, given.items()):
         kwargs = dict(socket.kwargs)
+        assert kwargs.pop("optional", False) == (name in spec.get("optional", {})), name
         if isinstance(kind, list):  # a combo: its choices are the V3 options
             assert socket.io_type == schema.COMBO and kwargs.pop("options") == kind
         else:
@@ -481,13 +527,18 @@ def test_both_apis_are_generated_from_one_description():
     assert calls == [(1, "r", 0.5), (2, "s", 1.0)]
 
 
-def test_v3_nodes_match_the_classic_ones(models_dir, monkeypatch):
+def test_v3_first_where_comfyui_provides_the_pinned_api(models_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "comfy_api", types.ModuleType("comfy_api"))
-    monkeypatch.setitem(sys.modules, "comfy_api.latest", _fake_comfy_api())
-    monkeypatch.setenv("NSFW_SAFETY_NODE_API", "v3")
+    monkeypatch.setitem(sys.modules, "comfy_api.v0_0_2", _fake_comfy_api())
+    monkeypatch.setenv("NSFW_SAFETY_NODE_API", "v1")  # forced: the classic nodes all the same
     pack = import_like_comfyui(ROOT)
-    assert hasattr(pack, "comfy_entrypoint") and not hasattr(pack, "NODE_CLASS_MAPPINGS")
-    v3 = pack._v3
+    assert "NODE_CLASS_MAPPINGS" in vars(pack) and "comfy_entrypoint" not in vars(pack)
+    monkeypatch.delenv("NSFW_SAFETY_NODE_API")  # by default: V3, and only V3, or ComfyUI would take V1
+    pack = import_like_comfyui(ROOT)
+    assert pack.__all__ == ["comfy_entrypoint"] and "NODE_CLASS_MAPPINGS" not in vars(pack)
+    assert pack.comfyui_node.API == "v3" and "NODE_CLASS_MAPPINGS" not in vars(pack.comfyui_node)
+    v3 = pack.comfyui_node.v3
+    assert v3.io is sys.modules["comfy_api.v0_0_2"].io
     monkeypatch.setattr(v3.nodes.management, "checkpoint_roots", lambda: [str(models_dir)])
 
     node_list = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
@@ -504,6 +555,9 @@ def test_v3_nodes_match_the_classic_ones(models_dir, monkeypatch):
     out = v3.NSFWSafetyFilter.execute(images=comfy_images(2), detector=detector, level="medium",
                                       threshold=0.5, action="black")
     assert len(out) == 5 and bool(out[0].eq(0).all()) and out[1] is True
+    with pytest.raises(v3.nodes.WorkflowStopped, match="2 of 2 images flagged"):
+        v3.NSFWSafetyFilter.execute(images=comfy_images(2), detector=detector, level="medium", threshold=0.5,
+                                    action="black", stop_on_flag=True)
     safe, bad, nsfw, _ = v3.NSFWSafetySwitch.execute(images=comfy_images(2), detector=detector, level="medium",
                                                      threshold=0.5, action="none")
     assert len(safe) == 0 and len(bad) == 2 and nsfw is True
@@ -512,43 +566,76 @@ def test_v3_nodes_match_the_classic_ones(models_dir, monkeypatch):
 # --- example workflows and packaging files ------------------------------------------------------
 
 EXAMPLES = ROOT / "examples" / "comfyui"
-# the sockets of the ComfyUI core nodes used by the examples
-CORE_OUTPUTS = {"LoadImage": ("IMAGE", "MASK"), "MaskToImage": ("IMAGE",), "SaveImage": (), "PreviewImage": ()}
+#: (API file, UI file) of each example: the same graph in both formats
+WORKFLOWS = {"filter": ("nsfw_safety_api.json", "nsfw_safety_workflow.json"),
+             "txt2img": ("txt2img_safety_api.json", "txt2img_safety_workflow.json")}
+# the sockets of the ComfyUI core nodes used by the examples (as ComfyUI declares them)
+CORE_OUTPUTS = {"LoadImage": ("IMAGE", "MASK"), "MaskToImage": ("IMAGE",), "SaveImage": (), "PreviewImage": (),
+                "CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"), "CLIPTextEncode": ("CONDITIONING",),
+                "EmptyLatentImage": ("LATENT",), "KSampler": ("LATENT",), "VAEDecode": ("IMAGE",)}
 CORE_INPUTS = {"LoadImage": {}, "MaskToImage": {"mask": "MASK"}, "SaveImage": {"images": "IMAGE"},
-               "PreviewImage": {"images": "IMAGE"}}
+               "PreviewImage": {"images": "IMAGE"}, "CheckpointLoaderSimple": {}, "CLIPTextEncode": {"clip": "CLIP"},
+               "EmptyLatentImage": {}, "VAEDecode": {"samples": "LATENT", "vae": "VAE"},
+               "KSampler": {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
+                            "latent_image": "LATENT"}}
+
+
+def input_spec(class_type: str) -> dict:
+    """Input name -> (type or combo list, options), required and optional, of one of our nodes."""
+    spec = NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
+    return {**spec["required"], **spec.get("optional", {})}
 
 
 def sockets(class_type: str) -> tuple[dict, tuple]:
     """(input name -> type or combo list, output types) of a node class."""
     if class_type in NODE_CLASS_MAPPINGS:
-        cls = NODE_CLASS_MAPPINGS[class_type]
-        return {k: v[0] for k, v in cls.INPUT_TYPES()["required"].items()}, cls.RETURN_TYPES
+        return {k: v[0] for k, v in input_spec(class_type).items()}, NODE_CLASS_MAPPINGS[class_type].RETURN_TYPES
     return CORE_INPUTS[class_type], CORE_OUTPUTS[class_type]
 
 
-def test_api_workflow_is_valid_for_the_nodes():
-    prompt = json.loads((EXAMPLES / "nsfw_safety_api.json").read_text())
+def load_example(name: str) -> tuple[dict, dict]:
+    api, ui = WORKFLOWS[name]
+    return json.loads((EXAMPLES / api).read_text()), json.loads((EXAMPLES / ui).read_text())
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_api_workflow_is_valid_for_the_nodes(name):
+    prompt, _ = load_example(name)
     assert {n["class_type"] for n in prompt.values()} >= {"NSFWDetectorLoader", "NSFWSafetyFilter"}
     for node_id, node in prompt.items():
         inputs, _ = sockets(node["class_type"])
         ours = node["class_type"] in NODE_CLASS_MAPPINGS
         if ours:
-            assert set(node["inputs"]) == set(inputs), node_id
-        for name, value in node["inputs"].items():
+            assert set(NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"]) <= set(node["inputs"])
+            assert set(node["inputs"]) <= set(inputs), node_id
+        for name_, value in node["inputs"].items():
             if isinstance(value, list):  # a link: [source node id, output index]
                 source = prompt[value[0]]
-                assert sockets(source["class_type"])[1][value[1]] == inputs[name], (node_id, name)
-            elif ours and isinstance(inputs[name], list):
-                assert value in inputs[name], (node_id, name)
+                assert sockets(source["class_type"])[1][value[1]] == inputs[name_], (node_id, name_)
+            elif ours and isinstance(inputs[name_], list):
+                assert value in inputs[name_], (node_id, name_)
+            elif ours and inputs[name_] == "BOOLEAN":
+                assert isinstance(value, bool)
             elif ours:
-                spec = NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"][name][1]
+                spec = input_spec(node["class_type"])[name_][1]
                 assert spec["min"] <= value <= spec["max"]
+
+
+def test_the_examples_put_the_filter_before_every_save():
+    prompt, _ = load_example("filter")
     assert prompt["3"]["inputs"]["images"] == ["1", 0] and prompt["4"]["inputs"]["images"] == ["3", 0]
+    prompt, _ = load_example("txt2img")
+    kinds = {k: v["class_type"] for k, v in prompt.items()}
+    (decode,) = [k for k, v in kinds.items() if v == "VAEDecode"]
+    (guard,) = [k for k, v in kinds.items() if v == "NSFWSafetyFilter"]
+    assert prompt[guard]["inputs"]["images"] == [decode, 0] and prompt[guard]["inputs"]["stop_on_flag"] is False
+    saves = [v for v in prompt.values() if v["class_type"] == "SaveImage"]
+    assert saves and all(save["inputs"]["images"] == [guard, 0] for save in saves)
 
 
-def test_ui_workflow_is_the_same_graph():
-    ui = json.loads((EXAMPLES / "nsfw_safety_workflow.json").read_text())
-    prompt = json.loads((EXAMPLES / "nsfw_safety_api.json").read_text())
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_ui_workflow_is_the_same_graph(name):
+    prompt, ui = load_example(name)
     nodes_by_id = {n["id"]: n for n in ui["nodes"]}
     assert {str(i): n["type"] for i, n in nodes_by_id.items()} == {k: v["class_type"] for k, v in prompt.items()}
     assert ui["last_node_id"] == max(nodes_by_id) and ui["last_link_id"] == max(link[0] for link in ui["links"])
@@ -558,13 +645,15 @@ def test_ui_workflow_is_the_same_graph():
         assert output["type"] == socket["type"] == kind == sockets(nodes_by_id[src]["type"])[1][src_slot]
         assert prompt[str(dst)]["inputs"][socket["name"]] == [str(src), src_slot]  # the same link in the API form
     for node in ui["nodes"]:
+        links = {i["name"] for i in node["inputs"]}
+        assert links == {k for k, v in prompt[str(node["id"])]["inputs"].items() if isinstance(v, list)}
         if node["type"] in NODE_CLASS_MAPPINGS:
             cls = NODE_CLASS_MAPPINGS[node["type"]]
             assert [o["name"] for o in node["outputs"]] == list(cls.RETURN_NAMES)
             assert [o["type"] for o in node["outputs"]] == list(cls.RETURN_TYPES)
-            required = cls.INPUT_TYPES()["required"]
-            widgets = [k for k, v in required.items() if isinstance(v[0], list) or v[0] == "FLOAT"]
-            assert [i["name"] for i in node["inputs"]] == [k for k in required if k not in widgets]
+            spec = input_spec(node["type"])
+            widgets = [k for k, v in spec.items() if isinstance(v[0], list) or v[0] in ("FLOAT", "BOOLEAN")]
+            assert [i["name"] for i in node["inputs"]] == [k for k in spec if k not in widgets]
             assert node["widgets_values"] == [prompt[str(node["id"])]["inputs"][k] for k in widgets]
 
 

@@ -173,6 +173,30 @@ def test_checker_contract_without_a_pipeline(eva_nsfw_dir, eva_safe_dir):
         safe(images=[x[0]])
 
 
+def test_checker_from_a_detector_or_a_filter(eva_dir):
+    detector = load_detector(str(eva_dir), device="cpu")
+    plain = NSFWSafetyChecker(detector)
+    assert plain.guard.detector is detector and plain.guard.policy.rules == {"medium": 0.5}
+    assert plain.guard.action == "blur" and plain.config.action == "blur"
+    tuned = NSFWSafetyChecker(detector, level="high", action="black", thresholds=None, color=(0.5, 0.5, 0.5))
+    assert tuned.guard.policy.rules == {"high": 0.5} and tuned.guard.action == "black"
+    assert tuned.guard.options["color"] == (0.5, 0.5, 0.5) and tuned.config.level == "high"
+    positional = NSFWSafetyChecker(detector, "low", 0.25)
+    assert positional.guard.policy.rules == {"low": 0.25}
+    ready = SafetyFilter(detector, "high", 0.3, action="pixelate")
+    assert NSFWSafetyChecker(ready).guard is ready
+    x = torch.rand(2, 3, SIZE, SIZE)
+    assert torch.equal(NSFWSafetyChecker(detector, "high", 0.3, action="pixelate").check(x).images, ready(x).images)
+    with pytest.raises(TypeError, match=r"settings \['action'\] cannot be combined with a ready SafetyFilter"):
+        NSFWSafetyChecker(ready, action="black")
+    with pytest.raises(TypeError, match="cannot be combined"):
+        NSFWSafetyChecker(ready, "low")
+    with pytest.raises(ValueError, match="action must be one of"):
+        NSFWSafetyChecker(detector, action="smudge")
+    with pytest.raises(TypeError, match="guard must be a SafetyFilter or a Detector, got str"):
+        NSFWSafetyChecker("eva")
+
+
 # --- device and dtype ---------------------------------------------------------------------------
 
 def test_follows_the_pipeline_device_but_keeps_its_compute_dtype(eva_dir):
@@ -207,6 +231,20 @@ def test_moving_one_pipeline_leaves_another_with_the_same_checkpoint(parts, base
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in b.classifier.parameters())
     out = run(pipe_b)
     assert out.nsfw_content_detected == mixed.flags and torch.equal(out.images, expected)
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_model_cpu_offload_leaves_the_checker_working(baseline, eva_dir, mixed, zero_copy):
+    checker = NSFWSafetyChecker.from_pretrained(str(eva_dir), threshold=mixed.threshold, action="black", device="cpu")
+    pipe = sd_pipe(sd_parts(), checker, checker.feature_extractor)  # own parts: offloading hooks them
+    pipe.enable_model_cpu_offload(device="cpu")  # accelerate's hooks, with the CPU standing in for the GPU
+    assert all(hasattr(m, "_hf_hook") for m in (pipe.text_encoder, pipe.unet, pipe.vae))
+    assert not hasattr(checker, "_hf_hook")  # excluded from offloading: moved to the device, no hook
+    if zero_copy:
+        attach(pipe, checker)
+    out = run(pipe)
+    assert out.nsfw_content_detected == mixed.flags and checker.last_result.flagged == mixed.flags
+    assert torch.equal(out.images[mixed.clean], baseline[mixed.clean]) and bool(out.images[mixed.hit].eq(0).all())
 
 
 # --- zero-copy -----------------------------------------------------------------------------------
@@ -380,3 +418,22 @@ def test_fp16_pipeline_on_cuda_checks_in_bf16_and_offloads(eva_nsfw_dir):
     pipe.enable_model_cpu_offload()
     out = run(pipe)
     assert checker.device.type == "cuda" and out.nsfw_content_detected == [True, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_sequential_cpu_offload_on_cuda(baseline, eva_dir, mixed, zero_copy):
+    checker = NSFWSafetyChecker.from_pretrained(str(eva_dir), threshold=mixed.threshold, action="black", device="cpu",
+                                                dtype="fp32")  # the precision the mixed threshold was set in
+    pipe = sd_pipe(sd_parts(), checker, checker.feature_extractor)
+    pipe.enable_sequential_cpu_offload()
+    assert checker.device.type == "cuda" and not hasattr(checker, "_hf_hook")  # moved whole, not hooked
+    if zero_copy:
+        attach(pipe, checker)
+    out = run(pipe)
+    assert out.nsfw_content_detected == mixed.flags and checker.last_result.scores.levels.device.type == "cuda"
+    images = out.images.cpu()
+    assert bool(images[mixed.hit].eq(0).all())
+    # the same picture as on the CPU, up to CUDA arithmetic (TF32 convolutions)
+    torch.testing.assert_close(images[mixed.clean], baseline[mixed.clean], atol=1e-2, rtol=0)
