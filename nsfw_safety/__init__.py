@@ -5,6 +5,7 @@
     out = guard(images)        # out.images, out.flagged, out.scores, out.reasons
 """
 
+from .cascade import Cascade, Ensemble, second_opinion
 from .censor import ACTIONS
 from .detector import Detector, Scores, load_detector
 from .filter import FilterResult, SafetyFilter
@@ -14,6 +15,7 @@ from .preprocess import PreprocessConfig
 
 __version__ = "0.1.0"
 __all__ = [
-    "ACTIONS", "LEVELS", "NSFW_LEVELS", "REGISTRY", "Detector", "FilterResult", "ModelLoadError",
-    "ModelSpec", "Policy", "PreprocessConfig", "SafetyFilter", "Scores", "load_detector", "register",
+    "ACTIONS", "LEVELS", "NSFW_LEVELS", "REGISTRY", "Cascade", "Detector", "Ensemble", "FilterResult",
+    "ModelLoadError", "ModelSpec", "Policy", "PreprocessConfig", "SafetyFilter", "Scores", "load_detector",
+    "register", "second_opinion",
 ]
