@@ -164,7 +164,7 @@ class Scores:
         if any(p.composite is not None for p in parts):
             composite = torch.cat([p.composite if p.composite is not None else
                                    torch.zeros(len(p), 4, dtype=torch.int8, device=p.levels.device) for p in parts])
-        members = Parts.cat([p.parts for p in parts]) if parts[0].parts is not None else None
+        members = Parts.cat([p.parts for p in parts]) if all(p.parts is not None for p in parts) else None
         return Scores(torch.cat([p.probs for p in parts]), torch.cat([p.levels for p in parts]),
                       parts[0].labels, torch.cat([p.status for p in parts]), composite, members)
 

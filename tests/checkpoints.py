@@ -78,14 +78,16 @@ def write_eva(path: Path, *, img_size: int = 56, embed_dim: int = 32, depth: int
 def write_vit(path: Path, *, labels: tuple[str, str] = ("sfw", "nsfw"), image_size: int = 32,
               patch_size: int = 8, hidden_size: int = 32, layers: int = 2, heads: int = 2,
               bias: str | None = None, scale: float = 100.0, seed: int = 0, resample: int = 2,
-              p_nsfw: float | None = None) -> Path:
+              p_nsfw: float | None = None, intermediate_size: int | None = None) -> Path:
     """Write a ViTForImageClassification checkpoint and its ``preprocessor_config.json``;
-    ``p_nsfw``: the nsfw probability of every image."""
+    ``p_nsfw``: the nsfw probability of every image; ``intermediate_size``: the MLP width
+    (default 2 * hidden_size; a real ViT-B/16 has 3072 for 768)."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
     config = ViTConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
-                       num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=layers, num_attention_heads=heads,
+                       intermediate_size=intermediate_size or 2 * hidden_size,
                        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     model = ViTForImageClassification(config)
     nsfw = [i for i, n in enumerate(labels) if n == "nsfw"][0]

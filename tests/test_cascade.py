@@ -410,3 +410,19 @@ def test_cuda_cascade_syncs_once_and_matches_the_cpu(eva_dir, forced):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert not math.isnan(float(scores.levels.sum()))
+
+
+# --- the benchmark, smoke mode -----------------------------------------------------------------
+
+def test_cascade_benchmark_smoke(tmp_path):
+    """Not timed: the band holds exactly its width of the synthetic grid, and every row is written."""
+    from benchmarks.cascade import main
+
+    result = main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cascade-cpu-smoke.json", "cascade-cpu-smoke.md"]
+    rows = result["rows"]
+    assert len(rows) == 8 and all(r["latency_ms"] > 0 and r["batch"] == 20 for r in rows)
+    seen = {(r["config"], r["second_images"]) for r in rows}
+    assert seen == {("first model alone", 0), ("both models on every image", 20),
+                    ("cascade, band width 0.2", 4), ("cascade, band width 0.5", 10)}
+    assert all(r["vs_both"] == 1.0 for r in rows if r["config"] == "both models on every image")
