@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads", "smoke": args.smoke, "batch": batch, "repeats": repeats,
             "warmup": args.warmup, "image_size": size, "load_average_start": list(os.getloadavg()),
-            "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "models": {k: v[0] for k, v in models.items()}}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="nsfw-safety-cascade-") as tmp:

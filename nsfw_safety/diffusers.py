@@ -173,8 +173,8 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
             source = Path(pretrained_model_name_or_path)
             model, origin = source / DETECTOR_DIR, saved.get("model")
             kept = saved.get("second_opinion")
-            if kept and second_opinion is None:  # the saved one, with its names and settings
-                second.update(model=source / SECOND_DIR, names=kept["names"], level=kept.get("level"))
+            if kept and second_opinion is None:  # the saved one, with its names, settings and origin
+                second.update(model=source / SECOND_DIR, names=kept["names"], level=kept.get("level"), kept=kept)
                 second.update({k: kept[k] for k in ("band", "combine") if second[k] is None})
             settings.update({k: saved[k] for k in settings if saved.get(k) is not None})
             if placeholder is None and (source / PLACEHOLDER_FILE).is_file():
@@ -204,6 +204,10 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         guard = SafetyFilter(detector, settings.pop("level"), settings.pop("threshold"),
                              placeholder=placeholder, **settings)
         checker = cls(guard, dtype=dtype, model=origin)
+        if "kept" in second:  # record the second model it was saved from, not the folder of its copy
+            kept = second["kept"]
+            checker.register_to_config(second_opinion={**checker.config.second_opinion, "model": kept["model"],
+                                                       "revision": kept.get("revision")})
         checker._host_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else None
         return checker
 

@@ -358,7 +358,8 @@ class Policy:
             if hit:
                 level, s, t = next(p for p in parts if p[1] >= p[2])
                 shown = view[LEVELS.index(level)] if view else 0
-                reasons.append(named(level, f"{level} {s:.2f} >= {t:.2f}" + (f" ({VIEW_NAMES[shown]})" if shown else "")))
+                view_name = f" ({VIEW_NAMES[shown]})" if shown else ""
+                reasons.append(named(level, f"{level} {s:.2f} >= {t:.2f}{view_name}"))
             else:
                 passed = ", ".join(named(level, f"{level} {s:.2f} < {t:.2f}") for level, s, t in parts)
                 reasons.append(passed + (" (over white and black)" if any(view) else ""))

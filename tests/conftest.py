@@ -57,4 +57,5 @@ def forced_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("forced")
     out = {name: write_eva(root / name, probs=p) for name, p in
            {"eva60": (0.3, 0.1, 0.15, 0.45), "eva30": (0.6, 0.1, 0.1, 0.2)}.items()}
-    return out | {name: write_vit(root / name, p_nsfw=p) for name, p in {"vit20": 0.2, "vit50": 0.5, "vit90": 0.9}.items()}
+    vits = {"vit20": 0.2, "vit50": 0.5, "vit90": 0.9}
+    return out | {name: write_vit(root / name, p_nsfw=p) for name, p in vits.items()}

@@ -58,8 +58,9 @@ def test_checker_saves_and_reloads_both_models(forced_dirs, tmp_path):
     result = loaded.check(x, value_range=(-1, 1))
     assert result.reasons == checker.last_result.reasons
     assert torch.equal(result.scores.levels, checker.last_result.scores.levels)
-    # a saved second opinion takes new settings on reload, and saves again in place
+    # a saved second opinion takes new settings on reload, and saves again in place, keeping its origin
     loaded.save_pretrained(saved)
+    assert json.loads((saved / "config.json").read_text())["second_opinion"] == config["second_opinion"]
     maxed = NSFWSafetyChecker.from_pretrained(saved, combine="max", device="cpu")
     assert maxed.check(x, value_range=(-1, 1)).reasons == [
         "eva60 medium 0.60 >= 0.50 (max of eva60 0.60, vit20 0.20)"] * 2
