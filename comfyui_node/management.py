@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nsfw_safety import REGISTRY, Detector, load_detector
+from nsfw_safety.cascade import members_of
 from nsfw_safety.detector import resolve_dtype
 
 try:
@@ -131,18 +132,23 @@ def activate(detector: Detector) -> None:
     """Have ComfyUI load ``detector`` onto its device (offloading other models if needed).
 
     The detector's ``device`` follows its weights, so scoring then runs wherever ComfyUI put
-    it. Outside ComfyUI this does nothing.
+    it. A second opinion's models are each their loader's detector, with its own patcher, and
+    are loaded together. Outside ComfyUI this does nothing.
     """
     if mm is None:
         return
-    patcher = _PATCHERS.get(detector)
-    if patcher is None:
-        load_device, offload_device = devices()
-        patcher = model_patcher.ModelPatcher(_Holder(detector.model), load_device=load_device,
-                                             offload_device=offload_device)
-        _PATCHERS[detector] = patcher
+    patchers = []
+    for member in members_of(detector):
+        patcher = _PATCHERS.get(member)
+        if patcher is None:
+            load_device, offload_device = devices()
+            patcher = model_patcher.ModelPatcher(_Holder(member.model), load_device=load_device,
+                                                 offload_device=offload_device)
+            _PATCHERS[member] = patcher
+        patchers.append(patcher)
     # a full load: plain torch layers cannot run half on the GPU as ComfyUI's own layers can
     if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters:
-        mm.load_models_gpu([patcher], force_full_load=True)
+        mm.load_models_gpu(patchers, force_full_load=True)
     else:
-        mm.load_model_gpu(patcher)
+        for patcher in patchers:
+            mm.load_model_gpu(patcher)

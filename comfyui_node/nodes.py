@@ -1,4 +1,5 @@
-"""The pack's nodes: a detector loader, a safety filter and a safety switch, as one table.
+"""The pack's nodes: a detector loader, a second opinion, a safety filter and a safety switch,
+as one table.
 
 :data:`NODES` describes each node once (see :mod:`.schema`); the classic (V1) classes below and
 the V3 classes of :mod:`.v3` are both generated from it. Every choice comes from the core: the
@@ -20,6 +21,7 @@ import torch
 
 from nsfw_safety import ACTIONS as CENSOR_ACTIONS
 from nsfw_safety import LEVELS, NSFW_LEVELS, REGISTRY, Detector, FilterResult, SafetyFilter
+from nsfw_safety.cascade import BANDLESS, RULES, is_detector, second_opinion
 from nsfw_safety.models import DEFAULT_MODEL
 
 from . import management
@@ -43,8 +45,9 @@ def _check(images: Any, detector: Any) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise TypeError(f"images must be a ComfyUI IMAGE, a (B, H, W, C) tensor; got "
                         f"{type(images).__name__} of shape {tuple(getattr(images, 'shape', ()))}")
-    if not isinstance(detector, Detector):
-        raise TypeError(f"detector must come from the NSFW Detector Loader node, got {type(detector).__name__}")
+    if not is_detector(detector):
+        raise TypeError(f"detector must come from the NSFW Detector Loader or NSFW Second Opinion node, "
+                        f"got {type(detector).__name__}")
 
 
 def guard(images: torch.Tensor, detector: Detector, level: str, threshold: float, action: str) -> FilterResult:
@@ -73,7 +76,8 @@ def report(result: FilterResult, detector: Detector, level: str, threshold: floa
     scores = result.scores.to_dicts() if result.scores is not None else [{}] * len(result.flagged)
     rows = zip(result.flagged, result.reasons, result.actions, scores)
     images = [{"index": i, "flagged": flagged, "reason": reason, "action": act,
-               "levels": s.get("levels"), "probs": s.get("probs"), "problem": s.get("problem")}
+               "levels": s.get("levels"), "probs": s.get("probs"), "problem": s.get("problem"),
+               **({"parts": s["parts"]} if "parts" in s else {})}  # a second opinion: each model's scores
               for i, (flagged, reason, act, s) in enumerate(rows)]
     return json.dumps({"model": detector.model_id, "level": level, "threshold": threshold, "action": action,
                        "any_flagged": result.any_flagged, "images": images}, allow_nan=False)
@@ -89,6 +93,20 @@ def flag_mask(result: FilterResult, images: torch.Tensor) -> torch.Tensor:
 def run_loader(model: str, dtype: str) -> tuple[Detector]:
     """Load a detector (once per model and dtype: a re-executed loader does not reload)."""
     return (management.load(model, dtype),)
+
+
+_OPINION = inspect.signature(second_opinion).parameters
+
+
+def run_second_opinion(first: Any, second: Any, combine: str, level: str, band_low: float,
+                       band_high: float) -> tuple:
+    """(one detector made of the two): a cascade, whose second model scores only the images whose
+    first score at ``level`` is in [band_low, band_high]; or, for ``any``/``all``, an ensemble."""
+    for name, d in (("first", first), ("second", second)):
+        if not is_detector(d):
+            raise TypeError(f"{name} must come from an NSFW Detector Loader node, got {type(d).__name__}")
+    band = None if combine in BANDLESS else (band_low, band_high)
+    return (second_opinion(first, second, band=band, level=level, combine=combine),)
 
 
 class WorkflowStopped(RuntimeError):
@@ -158,6 +176,23 @@ NODES: tuple[Node, ...] = (
                  Input("dtype", COMBO, "auto: bf16 on a GPU and on CPUs with native bf16, fp32 elsewhere", default="auto",
                        choices=lambda: management.DTYPES)),
          outputs=(Output(DETECTOR, "detector", "the classifier, for the filter and switch nodes"),)),
+    Node("NSFWSecondOpinion", "NSFW Second Opinion", CATEGORY,
+         "Combines two detectors into one: the second re-checks the images whose first score is in a band "
+         "(by default those the first flags), or both check every image.",
+         "combine", run_second_opinion,
+         inputs=(Input("first", DETECTOR, "scores every image"),
+                 Input("second", DETECTOR, "scores only the images in the band (or every image for any/all)"),
+                 Input("combine", COMBO, "the final levels where the second scored: override = the second's; "
+                       "mean or max of both; any/all: both models on every image, flagged when either/both flag",
+                       default=_OPINION["combine"].default, choices=lambda: RULES),
+                 Input("level", COMBO, "the first model's level whose score selects the band",
+                       default=_OPINION["level"].default, choices=lambda: NSFW_LEVELS),
+                 Input("band_low", "FLOAT", "lowest first score sent to the second model (bounds included)",
+                       default=_OPINION["threshold"].default, min=0.0, max=1.0, step=0.01),
+                 Input("band_high", "FLOAT", "highest first score sent to the second model; 1 with band_low = "
+                       "the filter's threshold re-checks every image the first flags",
+                       default=1.0, min=0.0, max=1.0, step=0.01)),
+         outputs=(Output(DETECTOR, "detector", "both as one detector, for the filter and switch nodes"),)),
     Node("NSFWSafetyFilter", "NSFW Safety Filter", CATEGORY,
          "Scores the whole batch and censors the flagged images (fails closed).",
          "filter", run_filter,
@@ -184,5 +219,6 @@ NODES: tuple[Node, ...] = (
 NODE_CLASS_MAPPINGS = {node.node_id: classic(node) for node in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {node.node_id: node.display_name for node in NODES}
 NSFWDetectorLoader = NODE_CLASS_MAPPINGS["NSFWDetectorLoader"]
+NSFWSecondOpinion = NODE_CLASS_MAPPINGS["NSFWSecondOpinion"]
 NSFWSafetyFilter = NODE_CLASS_MAPPINGS["NSFWSafetyFilter"]
 NSFWSafetySwitch = NODE_CLASS_MAPPINGS["NSFWSafetySwitch"]

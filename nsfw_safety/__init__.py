@@ -23,10 +23,12 @@ _LAZY = {
     "Policy": "levels",
     "REGISTRY": "models", "ModelLoadError": "models", "ModelSpec": "models", "register": "models",
     "PreprocessConfig": "preprocess",
+    "Cascade": "cascade", "Ensemble": "cascade", "second_opinion": "cascade",
 }
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
+    from .cascade import Cascade, Ensemble, second_opinion
     from .detector import Detector, Scores, load_detector
     from .filter import FilterResult, SafetyFilter
     from .levels import Policy

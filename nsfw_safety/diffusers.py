@@ -33,6 +33,7 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 from transformers import CLIPImageProcessor
 
+from .cascade import Cascade, Ensemble, is_detector, members_of, model_name, second_opinion as combine_detectors
 from .censor import CensorSettings
 from .detector import Detector, load_detector, resolve_dtype
 from .filter import FilterResult, SafetyFilter
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 __all__ = ["NSFWSafetyChecker", "attach", "detach", "light_feature_extractor"]
 
 DETECTOR_DIR = "detector"
+#: Where a second opinion's checkpoint is saved, beside ``DETECTOR_DIR``.
+SECOND_DIR = "second_opinion"
 PLACEHOLDER_FILE = "placeholder.png"
 # Keyword arguments diffusers' pipeline loader passes to a component's from_pretrained (besides
 # torch_dtype); the checker's placement is its own, so they are accepted and ignored.
@@ -82,6 +85,9 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
             (bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere, re-applied whenever the
             checker changes device).
         model: the detector reference to record in the saved config (default: the detector's id).
+
+    The guard's detector may be a second opinion (:func:`nsfw_safety.cascade.second_opinion`): a
+    cascade or an ensemble of two detectors, which the checker saves and reloads with both.
 
     ``device`` is where the detector runs. ``dtype`` is the dtype the pipeline last cast its
     components to (``pipe.to(torch.float16)``, ``torch_dtype=``), because ``pipe.dtype`` reads
@@ -129,10 +135,16 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         self.feature_extractor = light_feature_extractor()
         policy, censoring = guard.policy, guard.censoring.to_dict()
         del censoring["placeholder"]  # saved as an image beside the config
+        try:
+            first, second = _pair(detector)
+            second_config = None if second is None else _second_config(detector, second)
+        except TypeError:  # a larger combination works, but cannot be saved (save_pretrained says so)
+            first, second_config = members_of(detector)[0], None
         self.register_to_config(
-            model=model or detector.model_id, revision=detector.revision, level=policy.level,
+            model=model or first.model_id, revision=first.revision, level=policy.level,
             threshold=policy.threshold, thresholds=policy.thresholds, on_error=guard.on_error, **censoring,
             compute_dtype=None if self._pinned_dtype is None else str(self._pinned_dtype).removeprefix("torch."),
+            second_opinion=second_config,
         )
 
     # --- loading and saving ----------------------------------------------------------------
@@ -147,6 +159,8 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                         device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
                         compile: bool = False, max_batch_size: int = 32, torch_dtype: torch.dtype | None = None,
+                        second_opinion: str | os.PathLike | Detector | None = None,
+                        band: tuple[float, float] | None = None, combine: str | None = None,
                         **loader_kwargs) -> NSFWSafetyChecker:
         """Load a checker.
 
@@ -164,6 +178,11 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
                 fp32 elsewhere), kept whatever the pipeline's ``torch_dtype`` is.
             torch_dtype: the pipeline's dtype, only reported as :attr:`dtype` (diffusers passes
                 it when it loads a saved pipeline).
+            second_opinion: a second detector (a name, hub id, directory or a loaded detector; a
+                saved checker's own by default), combined with the first as
+                :func:`nsfw_safety.cascade.second_opinion` does: ``band`` on the rule's level
+                (default: the images the first flags), ``combine`` ``"override"`` (default),
+                ``"mean"``, ``"max"``, or ``"any"``/``"all"`` (both models on every image).
             loader_kwargs: the rest of what diffusers' pipeline loader passes (``device_map``,
                 ``variant``, ...); ignored.
         Raises:
@@ -178,9 +197,14 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         settings = dict(level=DEFAULT_LEVEL, threshold=DEFAULT_THRESHOLD, thresholds=None, on_error="block",
                         **censoring)
         model, origin = pretrained_model_name_or_path, None
+        second = dict(model=second_opinion, band=band, combine=combine, names=None)
         if saved is not None:
             source = Path(pretrained_model_name_or_path)
             model, origin = source / DETECTOR_DIR, saved.get("model")
+            kept = saved.get("second_opinion")
+            if kept and second_opinion is None:  # the saved one, with its names, settings and origin
+                second.update(model=source / SECOND_DIR, names=kept["names"], level=kept.get("level"), kept=kept)
+                second.update({k: kept[k] for k in ("band", "combine") if second[k] is None})
             settings.update({k: saved[k] for k in settings if saved.get(k) is not None})
             if placeholder is None and (source / PLACEHOLDER_FILE).is_file():
                 placeholder = source / PLACEHOLDER_FILE
@@ -194,9 +218,25 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         detector = load_detector(model, revision=revision, token=token, cache_dir=cache_dir,
                                  local_files_only=local_files_only, device=device, dtype=dtype,
                                  compile=compile, max_batch_size=max_batch_size)
+        if second["model"] is not None:
+            if not is_detector(second["model"]):
+                second["model"] = load_detector(second["model"], token=token, cache_dir=cache_dir,
+                                                local_files_only=local_files_only, device=detector.device,
+                                                dtype=dtype, compile=compile, max_batch_size=max_batch_size)
+            names = second["names"] or (model_name(origin or model), model_name(second["model"]))
+            detector = combine_detectors(detector, second["model"], band=second["band"],
+                                         level=second.get("level") or settings["level"],
+                                         threshold=settings["threshold"], combine=second["combine"] or "override",
+                                         names=names)
+        elif band is not None or combine is not None:
+            raise ValueError("band and combine need a second_opinion model")
         guard = SafetyFilter(detector, settings.pop("level"), settings.pop("threshold"),
                              placeholder=placeholder, **settings)
         checker = cls(guard, dtype=dtype, model=origin)
+        if "kept" in second:  # record the second model it was saved from, not the folder of its copy
+            kept = second["kept"]
+            checker.register_to_config(second_opinion={**checker.config.second_opinion, "model": kept["model"],
+                                                       "revision": kept.get("revision")})
         checker._host_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else None
         return checker
 
@@ -205,23 +245,28 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
 
         Writes ``config.json`` (the settings), ``detector/`` (a verbatim copy of the detector's
         checkpoint files: config, safetensors weights, preprocessing; so the saved pipeline
-        loads offline) and, for a custom placeholder, ``placeholder.png``. diffusers' own
-        keyword arguments (``safe_serialization``, ``variant``, ...) are accepted and ignored.
+        loads offline), ``second_opinion/`` likewise for a second opinion's model, and, for a
+        custom placeholder, ``placeholder.png``. diffusers' own keyword arguments
+        (``safe_serialization``, ``variant``, ...) are accepted and ignored.
         """
         if not is_main_process:
             return
-        source = self.guard.detector.path
-        if source is None or not Path(source).is_dir():
-            raise ValueError(f"cannot save the checker: its detector's checkpoint directory {source} is gone")
+        first, second = _pair(self.guard.detector)
         out = Path(save_directory)
         if out.is_file():
             raise ValueError(f"save_directory {str(out)!r} is a file, expected a directory")
-        target = out / DETECTOR_DIR
-        target.mkdir(parents=True, exist_ok=True)
-        if not target.samefile(source):  # re-saving a reloaded pipeline in place
-            for file in sorted(Path(source).iterdir()):
-                if file.is_file() and file.name.endswith(_CHECKPOINT_SUFFIXES):
-                    shutil.copy2(file, target / file.name)
+        members = [(DETECTOR_DIR, first)] + ([(SECOND_DIR, second)] if second is not None else [])
+        for _, member in members:
+            if member.path is None or not Path(member.path).is_dir():
+                raise ValueError(f"cannot save the checker: the checkpoint directory {member.path} "
+                                 f"of {member.model_id} is gone")
+        for folder, member in members:
+            target = out / folder
+            target.mkdir(parents=True, exist_ok=True)
+            if not target.samefile(member.path):  # re-saving a reloaded pipeline in place
+                for file in sorted(Path(member.path).iterdir()):
+                    if file.is_file() and file.name.endswith(_CHECKPOINT_SUFFIXES):
+                        shutil.copy2(file, target / file.name)
         card = self.guard.censoring.placeholder
         if card is not None:
             tensor_to_pil(card).save(out / PLACEHOLDER_FILE)
@@ -316,6 +361,24 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         return result.images, result.flagged
 
 
+def _pair(detector: Any) -> tuple[Detector, Detector | None]:
+    """(first, second) of what a checker can save: a detector, or a cascade or an ensemble of two."""
+    if isinstance(detector, Detector):
+        return detector, None
+    if isinstance(detector, (Cascade, Ensemble)) and len(detector.members) == 2 and all(
+            isinstance(m, Detector) for m in detector.members):
+        return detector.members
+    raise TypeError(f"a checker holds a detector, or a cascade or an ensemble of two detectors; got {detector!r}")
+
+
+def _second_config(detector: Cascade | Ensemble, second: Detector) -> dict[str, Any]:
+    """The saved description of a second opinion: its model and how it combines with the first."""
+    cascade = isinstance(detector, Cascade)
+    return {"model": second.model_id, "revision": second.revision, "combine": detector.rule,
+            "band": list(detector.band) if cascade else None, "level": detector.level if cascade else None,
+            "names": list(detector.names)}
+
+
 def _saved_config(path: Any, class_name: str) -> dict | None:
     """The settings in a directory written by ``NSFWSafetyChecker.save_pretrained``, else None."""
     if not isinstance(path, (str, os.PathLike)) or not (Path(path) / "config.json").is_file():
@@ -348,8 +411,10 @@ def attach(pipe: Any, checker_or_filter: NSFWSafetyChecker | SafetyFilter | Dete
     Args:
         pipe: a diffusers pipeline.
         checker_or_filter: an :class:`NSFWSafetyChecker`, a :class:`SafetyFilter`, a
-            :class:`Detector` (``kwargs`` then go to :class:`SafetyFilter`), or None
-            (``kwargs`` go to :meth:`NSFWSafetyChecker.from_pretrained`; ``model=`` names the detector).
+            :class:`Detector` or a cascade (``kwargs`` then go to :class:`SafetyFilter`, but for
+            ``second_opinion``, ``band`` and ``combine``, which make a second opinion as
+            :meth:`NSFWSafetyChecker.from_pretrained` does), or None (``kwargs`` go to
+            :meth:`NSFWSafetyChecker.from_pretrained`; ``model=`` names the detector).
     Returns:
         The checker, also at ``pipe.nsfw_safety``; its ``last_result`` holds each call's scores.
     Raises:
@@ -454,8 +519,16 @@ def _patch(obj: Any, name: str, value: Any, undo: list) -> None:
 def _as_checker(checker_or_filter: Any, kwargs: dict) -> NSFWSafetyChecker:
     if checker_or_filter is None:
         return NSFWSafetyChecker.from_pretrained(kwargs.pop("model", "eva"), **kwargs)
-    if isinstance(checker_or_filter, Detector):
-        return NSFWSafetyChecker(SafetyFilter(checker_or_filter, **kwargs))
+    if is_detector(checker_or_filter):
+        detector, second = checker_or_filter, kwargs.pop("second_opinion", None)
+        band, combine = kwargs.pop("band", None), kwargs.pop("combine", None)
+        if second is not None:
+            detector = combine_detectors(detector, second, band=band, combine=combine or "override",
+                                         level=kwargs.get("level", DEFAULT_LEVEL),
+                                         threshold=kwargs.get("threshold", DEFAULT_THRESHOLD))
+        elif band is not None or combine is not None:
+            raise ValueError("band and combine need a second_opinion model")
+        return NSFWSafetyChecker(SafetyFilter(detector, **kwargs))
     if kwargs:
         raise TypeError(f"settings {sorted(kwargs)} cannot be combined with a ready "
                         f"{type(checker_or_filter).__name__}")

@@ -50,7 +50,8 @@ class SafetyFilter:
     """Score images and censor those that cross the line.
 
     Args:
-        detector: from :func:`nsfw_safety.load_detector`.
+        detector: from :func:`nsfw_safety.load_detector`, or a second opinion: a
+            :class:`~nsfw_safety.cascade.Cascade` or :class:`~nsfw_safety.cascade.Ensemble`.
         level, threshold: flag when ``levels[level] >= threshold``.
         thresholds: per-level thresholds instead, e.g. ``{"low": 0.9, "medium": 0.6, "high": 0.3}``;
             an image is flagged when any level meets its threshold.

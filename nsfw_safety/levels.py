@@ -57,6 +57,9 @@ def level_matrix(labels: tuple[str, ...]) -> torch.Tensor:
 # --- scores ----------------------------------------------------------------------------------
 
 OK, NONFINITE_INPUT, NONFINITE_OUTPUT = 0, 1, 2
+#: The status of a member's row that the member did not score (a cascade's second model on an
+#: image outside its band); only ever in :attr:`Parts.scores`.
+NOT_SCORED = -1
 _PROBLEMS = {NONFINITE_INPUT: "non-finite input", NONFINITE_OUTPUT: "non-finite model output"}
 #: The level row of an image that could not be checked: flagged at any level and threshold.
 BLOCKED = torch.tensor([0.0, 1.0, 1.0, 1.0])
@@ -78,6 +81,10 @@ class Scores:
             ``inputs.OVER_BLACK`` (2); 0 for opaque images. Such an image is scored over white
             and over black, and keeps the stricter score of each level (the larger NSFW level,
             the smaller neutral); its ``probs`` are the distribution those levels imply.
+        parts: None for one model. For a cascade or an ensemble (``nsfw_safety.cascade``): each
+            member's own scores and which member decided each level (:class:`Parts`); ``probs``
+            and ``labels`` are then the distribution the combined levels imply, over the members'
+            labels when they share them, else over ``LEVELS``.
     """
 
     probs: torch.Tensor
@@ -85,6 +92,7 @@ class Scores:
     labels: tuple[str, ...]
     status: torch.Tensor
     composite: torch.Tensor | None = None
+    parts: Parts | None = None
 
     def __len__(self) -> int:
         return len(self.levels)
@@ -94,7 +102,15 @@ class Scores:
         if isinstance(index, int):
             index = [index]
         composite = self.composite[index] if self.composite is not None else None
-        return Scores(self.probs[index], self.levels[index], self.labels, self.status[index], composite)
+        parts = self.parts[index] if self.parts is not None else None
+        return Scores(self.probs[index], self.levels[index], self.labels, self.status[index], composite, parts)
+
+    def to(self, device: torch.device | str) -> Scores:
+        """The same scores on ``device`` (each member's part too)."""
+        composite = self.composite.to(device) if self.composite is not None else None
+        parts = self.parts.to(device) if self.parts is not None else None
+        return Scores(self.probs.to(device), self.levels.to(device), self.labels, self.status.to(device),
+                      composite, parts)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -106,13 +122,18 @@ class Scores:
         return [_PROBLEMS.get(s) for s in self.status.tolist()]
 
     def to_dicts(self) -> list[dict[str, Any]]:
-        """JSON-friendly: ``{"levels": {...}, "probs": {...}, "problem": str | None}`` per image."""
+        """JSON-friendly: ``{"levels": {...}, "probs": {...}, "problem": str | None}`` per image;
+        combined scores add ``"parts"``: each member's row (see :meth:`Parts.to_dicts`)."""
         levels = self.levels.cpu().tolist()
         probs = self.probs.cpu().tolist()
-        return [{"levels": dict(zip(LEVELS, lv)),
+        rows = [{"levels": dict(zip(LEVELS, lv)),
                  "probs": {k: (None if p != p else p) for k, p in zip(self.labels, pr)},
                  "problem": problem}
                 for lv, pr, problem in zip(levels, probs, self.problems())]
+        if self.parts is not None:
+            for row, parts in zip(rows, self.parts.to_dicts()):
+                row["parts"] = parts
+        return rows
 
     @staticmethod
     def cat(parts: list[Scores]) -> Scores:
@@ -120,8 +141,92 @@ class Scores:
         if any(p.composite is not None for p in parts):
             composite = torch.cat([p.composite if p.composite is not None else
                                    torch.zeros(len(p), 4, dtype=torch.int8, device=p.levels.device) for p in parts])
+        members = Parts.cat([p.parts for p in parts]) if all(p.parts is not None for p in parts) else None
         return Scores(torch.cat([p.probs for p in parts]), torch.cat([p.levels for p in parts]),
-                      parts[0].labels, torch.cat([p.status for p in parts]), composite)
+                      parts[0].labels, torch.cat([p.status for p in parts]), composite, members)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What each member of a cascade or ensemble (``nsfw_safety.cascade``) said about a batch.
+
+    Attributes:
+        names: the members' names, as reasons show them (``"eva"``, ``"vit-sd"``).
+        scores: each member's :class:`Scores` for the same B images, in member order. A row that a
+            member did not score (a cascade's second model outside its band) has status
+            ``NOT_SCORED`` and NaN levels and probs.
+        rule: how they were combined: ``"override"``, ``"mean"`` or ``"max"`` (a cascade),
+            ``"any"``, ``"all"`` or ``"mean"`` (an ensemble).
+        source: (B, 4) int8, per image and level, the member whose score was kept (the second
+            model where it overrode, the largest score for max and any, the smallest for all, the
+            largest of those averaged for mean). Reasons name it, and the combined ``composite``
+            is its.
+    """
+
+    names: tuple[str, ...]
+    scores: tuple[Scores, ...]
+    rule: str
+    source: torch.Tensor
+
+    def __getitem__(self, index: slice | list[int] | torch.Tensor) -> Parts:
+        return Parts(self.names, tuple(s[index] for s in self.scores), self.rule, self.source[index])
+
+    def to(self, device: torch.device | str) -> Parts:
+        return Parts(self.names, tuple(s.to(device) for s in self.scores), self.rule, self.source.to(device))
+
+    @staticmethod
+    def cat(parts: list[Parts]) -> Parts:
+        members = tuple(Scores.cat([p.scores[m] for p in parts]) for m in range(len(parts[0].names)))
+        return Parts(parts[0].names, members, parts[0].rule, torch.cat([p.source for p in parts]))
+
+    def to_dicts(self) -> list[list[dict[str, Any]]]:
+        """Per image, per member: ``{"model": name, "scored": bool, "levels", "probs", "problem"}``
+        (``levels``, ``probs`` and ``problem`` are None where the member did not score the image)."""
+        columns = []
+        for name, scores in zip(self.names, self.scores):
+            scored = (scores.status != NOT_SCORED).cpu().tolist()
+            columns.append([{"model": name, "scored": True, **row} if ok else
+                            {"model": name, "scored": False, "levels": None, "probs": None, "problem": None}
+                            for ok, row in zip(scored, scores.to_dicts())])
+        return [list(row) for row in zip(*columns)]
+
+    def columns(self) -> list[torch.Tensor]:
+        """What :meth:`Policy.decide` reads with the combined scores, in its one copy: each
+        member's levels (4) and status (1), then ``source`` (4), as float columns."""
+        out = []
+        for scores in self.scores:
+            out += [scores.levels.float(), scores.status[:, None].float()]
+        return out + [self.source.float()]
+
+    def _unpack(self, tail: list[float]) -> tuple[list[list[float]], list[int], list[int]]:
+        m = len(self.names)
+        levels = [tail[5 * i: 5 * i + 4] for i in range(m)]
+        status = [int(tail[5 * i + 4]) for i in range(m)]
+        return levels, status, [int(v) for v in tail[5 * m: 5 * m + 4]]
+
+    def attribute(self, tail: list[float], level: str) -> tuple[str, str]:
+        """(who, detail) for one image's combined score of ``level``: the member that decided
+        (``"mean"`` for a mean), and the other scores it was weighed against (empty when one
+        member alone scored the image). ``tail``: this image's :meth:`columns`, read on the host."""
+        levels, status, source = self._unpack(tail)
+        col = LEVELS.index(level)
+        scored = [i for i, s in enumerate(status) if s != NOT_SCORED]
+        who = self.names[source[col]]
+        if len(scored) < 2:
+            return who, ""
+        if self.rule == "override":
+            return who, f"second opinion on {self.names[0]} {levels[0][col]:.2f}"
+        values = ", ".join(f"{self.names[i]} {levels[i][col]:.2f}" for i in scored)
+        return ("mean", values) if self.rule == "mean" else (who, f"{self.rule} of {values}")
+
+    def problem(self, tail: list[float], problem: str) -> str:
+        """The reason for an image whose combined scores are invalid: the problem, and the member
+        whose output it was (a non-finite input is every member's)."""
+        _, status, _ = self._unpack(tail)
+        bad = [i for i, s in enumerate(status) if s not in (OK, NOT_SCORED)]
+        if not bad or status[bad[0]] == NONFINITE_INPUT:
+            return problem
+        return f"{problem} ({self.names[bad[0]]})"
 
 
 @dataclass(frozen=True)
@@ -209,24 +314,36 @@ class Policy:
                    (scores.status == NONFINITE_OUTPUT)[:, None]]
         if scores.composite is not None:
             columns.append(scores.composite)
+        members = scores.parts
+        if members is not None:  # a cascade or ensemble: each member's scores, in the same copy
+            columns += members.columns()
         device = scores.levels.device
         host = torch.cat([c.to(device, torch.float32) for c in columns], dim=1).cpu().tolist()
         r = len(rules)
+        end = r + 6 + (4 if scores.composite is not None else 0)
         flagged, reasons, problems = [], [], []
         for row in host:
-            hit, levels, view = row[:r], row[r : r + 4], [int(v) for v in row[r + 6 :]]
+            hit, levels, view, tail = row[:r], row[r : r + 4], [int(v) for v in row[r + 6 : end]], row[end:]
             problem = None if row[r + 4] else _PROBLEMS[NONFINITE_OUTPUT if row[r + 5] else NONFINITE_INPUT]
             flagged.append(problem is not None or any(hit))
             problems.append(problem)
             if problem is not None:
-                reasons.append(problem)
+                reasons.append(members.problem(tail, problem) if members is not None else problem)
                 continue
+
+            def named(level: str, text: str) -> str:  # "vit-sd medium 0.91 >= 0.50 (second opinion on eva 0.55)"
+                if members is None:
+                    return text
+                who, detail = members.attribute(tail, level)
+                return f"{who} {text}" + (f" ({detail})" if detail else "")
+
             parts = [(level, levels[LEVELS.index(level)], t) for level, t in rules.items()]
             if any(hit):
                 level, s, t = parts[[bool(h) for h in hit].index(True)]
                 shown = view[LEVELS.index(level)] if view else 0
-                reasons.append(f"{level} {s:.2f} >= {t:.2f}" + (f" ({VIEW_NAMES[shown]})" if shown else ""))
+                view_name = f" ({VIEW_NAMES[shown]})" if shown else ""
+                reasons.append(named(level, f"{level} {s:.2f} >= {t:.2f}{view_name}"))
             else:
-                passed = ", ".join(f"{level} {s:.2f} < {t:.2f}" for level, s, t in parts)
+                passed = ", ".join(named(level, f"{level} {s:.2f} < {t:.2f}") for level, s, t in parts)
                 reasons.append(passed + (" (over white and black)" if any(view) else ""))
         return Verdict(flagged, reasons, problems)

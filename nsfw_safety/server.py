@@ -43,7 +43,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from http import HTTPStatus
 from typing import IO, Annotated, Any, Literal, Mapping, Sequence
 
@@ -61,6 +61,7 @@ from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from .cascade import BANDLESS, RULES, second_opinion
 from .detector import Detector, load_detector, resolve_dtype
 from .filter import SafetyFilter
 from .inputs import ImageTooLarge, MultiFrameImage, open_image
@@ -92,6 +93,11 @@ class Settings:
     Attributes:
         model: registry name, hub id or local checkpoint directory.
         revision, device, dtype: as for :func:`nsfw_safety.load_detector` (None: its defaults).
+        second_opinion: a second model (as ``model``) that re-checks the images whose first score
+            at ``level`` is in ``band`` (:func:`nsfw_safety.cascade.second_opinion`); None: one model.
+        band: (lo, hi), bounds included; None: (``threshold``, 1), every image the first flags.
+        combine: ``override`` (default), ``mean`` or ``max`` where the second scored; ``any`` or
+            ``all``: both models on every image (no band).
         level, threshold: the default policy; a request may override both.
         lock_policy: requests may only make the policy stricter (a lower level or threshold);
             a looser one is refused with 403.
@@ -114,6 +120,9 @@ class Settings:
     revision: str | None = None
     device: str | None = None
     dtype: str | None = None
+    second_opinion: str | None = None
+    band: tuple[float, float] | None = None
+    combine: str | None = None
     level: str = DEFAULT_LEVEL
     threshold: float = DEFAULT_THRESHOLD
     lock_policy: bool = False
@@ -140,6 +149,19 @@ class Settings:
                 raise ValueError(f"device must be a torch device such as 'cuda' or 'cpu', got {self.device!r}") from None
         if self.dtype is not None:
             resolve_dtype(self.dtype, torch.device("cpu"))
+        if self.combine is not None and self.combine not in RULES:
+            raise ValueError(f"combine must be one of {RULES}, got {self.combine!r}")
+        if self.band is not None:
+            if len(self.band) != 2:
+                raise ValueError(f"band must be two numbers LO HI, got {self.band!r}")
+            lo, hi = (check_threshold(b, "band") for b in self.band)
+            if lo > hi:
+                raise ValueError(f"band must have LO <= HI, got {self.band!r}")
+            if self.combine in BANDLESS:
+                raise ValueError(f"combine={self.combine} runs both models on every image: it takes no band")
+            object.__setattr__(self, "band", (lo, hi))
+        if self.second_opinion is None and (self.band is not None or self.combine is not None):
+            raise ValueError("band and combine need a second_opinion model")
         if self.api_key is not None and not (isinstance(self.api_key, str) and self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string")
         if self.max_pixels_in_flight is None:
@@ -188,6 +210,11 @@ def _split(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def _band(raw: str) -> tuple[float, ...]:
+    """``"0.3,0.7"`` or ``"0.3 0.7"`` -> (0.3, 0.7)."""
+    return tuple(float(part) for part in raw.replace(",", " ").split())
+
+
 def _bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -200,6 +227,7 @@ def _bool(raw: str) -> bool:
 ENV = {
     "model": "NSFW_SAFETY_MODEL", "revision": "NSFW_SAFETY_REVISION", "device": "NSFW_SAFETY_DEVICE",
     "dtype": "NSFW_SAFETY_DTYPE", "level": "NSFW_SAFETY_LEVEL", "threshold": "NSFW_SAFETY_THRESHOLD",
+    "second_opinion": "NSFW_SAFETY_SECOND_OPINION", "band": "NSFW_SAFETY_BAND", "combine": "NSFW_SAFETY_COMBINE",
     "lock_policy": "NSFW_SAFETY_LOCK_POLICY", "api_key": "NSFW_SAFETY_API_KEY",
     "max_batch_size": "NSFW_SAFETY_MAX_BATCH", "max_wait_ms": "NSFW_SAFETY_MAX_WAIT_MS",
     "max_upload_bytes": "NSFW_SAFETY_MAX_UPLOAD_BYTES", "max_pixels": "NSFW_SAFETY_MAX_PIXELS",
@@ -211,7 +239,7 @@ ENV = {
 _PARSE = {"threshold": float, "max_wait_ms": float, "max_batch_size": int, "max_upload_bytes": int,
           "max_pixels": int, "max_pixels_in_flight": int, "busy_timeout": float, "max_files": int,
           "content_types": _split, "lock_policy": _bool, "header_timeout": float, "body_timeout": float,
-          "max_connections": int}
+          "max_connections": int, "band": _band}
 
 
 class ServiceError(HTTPException):
@@ -529,9 +557,7 @@ class Batcher:
         """Runs in the worker thread: one detector call for the whole batch."""
         start = time.perf_counter()
         scores = self.detector.predict([job.upload.image for job in batch])
-        # one copy to the host; the per-request policies then run on the CPU
-        scores = replace(scores, probs=scores.probs.cpu(), levels=scores.levels.cpu(), status=scores.status.cpu(),
-                         composite=None if scores.composite is None else scores.composite.cpu())
+        scores = scores.to("cpu")  # one copy to the host; the per-request policies then run on the CPU
         rows = scores.to_dicts()
         groups: dict[tuple[Policy, str | None], list[int]] = collections.defaultdict(list)
         for i, job in enumerate(batch):
@@ -639,6 +665,14 @@ class ModelInfo(BaseModel):
     revision: str | None = Field(description="the hub revision asked for (null: the default branch)")
 
 
+class Part(BaseModel):
+    model: str = Field(description="the model's name, as reasons name it")
+    scored: bool = Field(description="false where a cascade's second model did not run (outside its band)")
+    levels: dict[str, float] | None
+    probs: dict[str, float | None] | None
+    problem: str | None = Field(description="why this model's scores are invalid, e.g. non-finite model output")
+
+
 class Result(BaseModel):
     category: Literal["safe", "nsfw"] = Field(description="nsfw when flagged at the level and threshold")
     flagged: bool
@@ -648,6 +682,8 @@ class Result(BaseModel):
     levels: dict[str, float] = Field(description="cumulative level scores: neutral, low, medium, high")
     probs: dict[str, float | None] = Field(description="the model's class probabilities")
     model: ModelInfo
+    parts: list[Part] | None = Field(None, description="with --second-opinion: each model's own scores, in order "
+                                                      "(first, second); absent for one model")
     filename: str
     width: int
     height: int
@@ -715,8 +751,15 @@ class Service:
 
     async def _load(self) -> None:
         s = self.settings
-        load = functools.partial(load_detector, s.model, revision=s.revision, device=s.device, dtype=s.dtype,
-                                 max_batch_size=s.max_batch_size)
+
+        def load() -> Any:
+            detector = load_detector(s.model, revision=s.revision, device=s.device, dtype=s.dtype,
+                                     max_batch_size=s.max_batch_size)
+            if s.second_opinion is None:
+                return detector
+            return second_opinion(detector, s.second_opinion, band=s.band, level=s.level, threshold=s.threshold,
+                                  combine=s.combine or "override", dtype=s.dtype, max_batch_size=s.max_batch_size)
+
         try:
             detector = await asyncio.get_running_loop().run_in_executor(None, load)
         except Exception as e:  # noqa: BLE001 -- reported by /ready and /health, and every request 503s
@@ -785,10 +828,11 @@ class Service:
             return Answer(self.result(upload, outcome, policy), outcome.action, _MEDIA[fmt], data)
 
     def result(self, upload: Upload, outcome: Outcome, policy: Policy) -> dict[str, Any]:
+        parts = {"parts": outcome.scores["parts"]} if "parts" in outcome.scores else {}  # a second opinion
         return {"category": "nsfw" if outcome.flagged else "safe", "flagged": outcome.flagged,
                 "reason": outcome.reason, "level": policy.level, "threshold": policy.threshold,
                 "levels": outcome.scores["levels"], "probs": outcome.scores["probs"],
-                "model": {"id": self.detector.model_id, "revision": self.detector.revision},
+                "model": {"id": self.detector.model_id, "revision": self.detector.revision}, **parts,
                 "filename": upload.name, "width": upload.image.width, "height": upload.image.height}
 
 
@@ -1059,6 +1103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--revision", "revision", "hub revision (branch, tag or commit)")
     flag("--device", "device", "torch device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
     flag("--dtype", "dtype", "bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    flag("--second-opinion", "second_opinion", "a second model (as --model) that re-checks the images whose "
+                                               "--model score at --level is in --band", metavar="MODEL")
+    flag("--band", "band", "the first scores sent to the second model, bounds included (env: 'LO,HI'); "
+                           "default: --threshold to 1, every image the first flags",
+         nargs=2, type=float, metavar=("LO", "HI"))
+    flag("--combine", "combine", "where the second model scored: override (default), mean or max; "
+                                 "any or all: both models on every image", choices=RULES)
     flag("--level", "level", "default level", choices=NSFW_LEVELS)
     flag("--threshold", "threshold", "default threshold in [0, 1]", type=float)
     flag("--lock-policy", "lock_policy", "requests may only make the policy stricter (lower level or threshold); "

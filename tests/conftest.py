@@ -69,3 +69,16 @@ def vit_nsfw_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vit_safe_dir(tmp_path_factory):
     return write_vit(tmp_path_factory.mktemp("vit_safe"), bias="safe")
+
+
+@pytest.fixture(scope="session")
+def forced_dirs(tmp_path_factory):
+    """Checkpoints whose every output is forced, for the second-opinion tests: name -> directory
+    (named so that reasons show the name). EVA: class probabilities (neutral, low, medium, high),
+    so levels low/medium/high = 0.70/0.60/0.45 ("eva60") and 0.40/0.30/0.20 ("eva30"), up to the
+    bf16 weights. ViT: p_nsfw, so low = medium = high = p ("vit20", "vit50", "vit90")."""
+    root = tmp_path_factory.mktemp("forced")
+    out = {name: write_eva(root / name, probs=p) for name, p in
+           {"eva60": (0.3, 0.1, 0.15, 0.45), "eva30": (0.6, 0.1, 0.1, 0.2)}.items()}
+    vits = {"vit20": 0.2, "vit50": 0.5, "vit90": 0.9}
+    return out | {name: write_vit(root / name, p_nsfw=p) for name, p in vits.items()}

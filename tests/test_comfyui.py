@@ -409,7 +409,8 @@ def import_like_comfyui(path: Path) -> types.ModuleType:
 
 def test_root_package_registers_the_nodes():
     pack = import_like_comfyui(ROOT)
-    assert set(pack.NODE_CLASS_MAPPINGS) == {"NSFWDetectorLoader", "NSFWSafetyFilter", "NSFWSafetySwitch"}
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"NSFWDetectorLoader", "NSFWSafetyFilter", "NSFWSafetySwitch",
+                                             "NSFWSecondOpinion"}
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["NSFWSafetyFilter"] == "NSFW Safety Filter"
     assert not hasattr(pack, "comfy_entrypoint")  # V1 wins in ComfyUI anyway
 
@@ -433,7 +434,7 @@ print(sorted(module.NODE_CLASS_MAPPINGS), nsfw_safety.__file__)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr
-    assert "['NSFWDetectorLoader', 'NSFWSafetyFilter', 'NSFWSafetySwitch']" in result.stdout
+    assert "['NSFWDetectorLoader', 'NSFWSafetyFilter', 'NSFWSafetySwitch', 'NSFWSecondOpinion']" in result.stdout
     assert str(pack / "nsfw_safety") in result.stdout
 
 
