@@ -23,6 +23,8 @@ from nsfw_safety import ACTIONS as CENSOR_ACTIONS
 from nsfw_safety import LEVELS, NSFW_LEVELS, REGISTRY, Detector, FilterResult, SafetyFilter
 from nsfw_safety.cascade import BANDLESS, RULES, is_detector, second_opinion
 from nsfw_safety.models import DEFAULT_MODEL
+from nsfw_safety.vocabulary import HIDING_ACTIONS
+from nsfw_safety.video import check_video, frame_ranges
 
 from . import management
 from .schema import COMBO, Input, Node, Output, classic
@@ -37,6 +39,7 @@ DETECTOR = "NSFW_DETECTOR"
 #: The censor actions the nodes offer: all of the core's. Each one works with the core's
 #: default settings, which is all a node passes (``placeholder`` shows the built-in card).
 ACTIONS = tuple(CENSOR_ACTIONS)
+_NO_ACTION = next(a for a in ACTIONS if a not in HIDING_ACTIONS)  # what an uncensored frame's action reads
 #: level, threshold and action default to the filter's own defaults.
 _DEFAULTS = {name: p.default for name, p in inspect.signature(SafetyFilter).parameters.items()}
 
@@ -71,16 +74,22 @@ def max_score(result: FilterResult, level: str) -> float:
     return float(result.scores.levels[:, LEVELS.index(level)].max())
 
 
-def report(result: FilterResult, detector: Detector, level: str, threshold: float, action: str) -> str:
-    """JSON: the rule, and per image its flag, reason, action, level scores and class probabilities."""
+def report(result: FilterResult, detector: Detector, level: str, threshold: float, action: str,
+           window: int = 0) -> str:
+    """JSON: the rule, per image its flag, reason, action, level scores and class probabilities,
+    and the batch as frames: ``flagged_frames`` and ``censored_frames`` as inclusive index ranges."""
     scores = result.scores.to_dicts() if result.scores is not None else [{}] * len(result.flagged)
     rows = zip(result.flagged, result.reasons, result.actions, scores)
     images = [{"index": i, "flagged": flagged, "reason": reason, "action": act,
                "levels": s.get("levels"), "probs": s.get("probs"), "problem": s.get("problem"),
                **({"parts": s["parts"]} if "parts" in s else {})}  # a second opinion: each model's scores
               for i, (flagged, reason, act, s) in enumerate(rows)]
+    ranges = lambda keep: [list(r) for r in frame_ranges([i for i, k in enumerate(keep) if k])]  # noqa: E731
     return json.dumps({"model": detector.model_id, "level": level, "threshold": threshold, "action": action,
-                       "any_flagged": result.any_flagged, "images": images}, allow_nan=False)
+                       "window": window, "any_flagged": result.any_flagged,
+                       "flagged_frames": ranges(result.flagged),
+                       "censored_frames": ranges([a in HIDING_ACTIONS for a in result.actions]),
+                       "images": images}, allow_nan=False)
 
 
 def flag_mask(result: FilterResult, images: torch.Tensor) -> torch.Tensor:
@@ -122,18 +131,47 @@ def stop_message(result: FilterResult, shown: int = 8) -> str:
             f"({'; '.join(hits[:shown])}{more}). No later node received them.")
 
 
+def guard_frames(images: torch.Tensor, detector: Detector, level: str, threshold: float, action: str,
+                 window: int) -> FilterResult:
+    """The batch as the frames of one video: each flagged frame also censors the ``window``
+    frames either side (so a censored region does not flicker), by ``check_video``.
+
+    Args:
+        images: (F, H, W, C) float32 in [0, 1].
+    Returns:
+        ``FilterResult`` with one entry per frame; a frame censored for its neighbours is not
+        flagged, and its action is the one applied.
+    """
+    _check(images, detector)
+    management.activate(detector)
+    video = check_video(images, SafetyFilter(detector, level, threshold, action=action), window=window,
+                        layout="FHWC")
+    hit = set(video.flagged_frames)
+    n = video.total
+    actions = [video.actions.get(i, _NO_ACTION) for i in range(n)]
+    reasons = video.frame_reasons if len(video.frame_reasons) == n else [video.reason] * n
+    reasons = [r + f"; censored: within {window} frames of a flagged frame" if a in HIDING_ACTIONS and i not in hit else r
+               for i, (r, a) in enumerate(zip(reasons, actions))]
+    return FilterResult(images=video.frames, flagged=[i in hit or video.error is not None for i in range(n)],
+                        reasons=reasons, actions=actions, scores=video.scores)
+
+
 def run_filter(images: torch.Tensor, detector: Detector, level: str, threshold: float, action: str,
-               stop_on_flag: bool = False) -> tuple:
-    """(censored images, any flagged, max score, JSON report, flag mask).
+               window: int = 0, stop_on_flag: bool = False) -> tuple:
+    """(censored images, any flagged, max score, JSON report, flag mask); ``window`` > 0 treats
+    the batch as video frames (see :func:`guard_frames`).
 
     Raises:
         WorkflowStopped: ``stop_on_flag`` is on and an image is flagged (or could not be checked).
     """
-    result = guard(images, detector, level, threshold, action)
+    if window:
+        result = guard_frames(images, detector, level, threshold, action, window)
+    else:
+        result = guard(images, detector, level, threshold, action)
     if stop_on_flag and result.any_flagged:
         raise WorkflowStopped(stop_message(result))
     return (result.images, result.any_flagged, max_score(result, level),
-            report(result, detector, level, threshold, action), flag_mask(result, images))
+            report(result, detector, level, threshold, action, window), flag_mask(result, images))
 
 
 def run_switch(images: torch.Tensor, detector: Detector, level: str, threshold: float, action: str) -> tuple:
@@ -198,6 +236,9 @@ NODES: tuple[Node, ...] = (
          "filter", run_filter,
          inputs=_rule_inputs("what to do with flagged images; none only flags them. "
                              "Images that could not be checked are always black") + (
+             Input("window", "INT", "a batch of video frames: also censor this many frames either side of each "
+                   "flagged frame, so the censoring does not flicker (0: images are independent)",
+                   default=0, min=0, max=1000, step=1, optional=True),
              Input("stop_on_flag", "BOOLEAN", "stop the whole workflow with an error when any image is flagged, "
                    "so no later node (save, upload, API output) receives the batch", default=False, optional=True),),
          outputs=(Output("IMAGE", "images", "the input with flagged images censored"),

@@ -82,8 +82,8 @@ def test_classic_schema():
                 assert kind and all(isinstance(c, str) for c in kind)
                 assert options.get("default", kind[0]) in kind, name
             else:
-                assert kind in ("IMAGE", "FLOAT", "BOOLEAN", "NSFW_DETECTOR"), name
-            if kind == "FLOAT":
+                assert kind in ("IMAGE", "FLOAT", "INT", "BOOLEAN", "NSFW_DETECTOR"), name
+            if kind in ("FLOAT", "INT"):
                 assert options["min"] <= options["default"] <= options["max"]
     assert NODE_CLASS_MAPPINGS["NSFWDetectorLoader"].RETURN_TYPES == ("NSFW_DETECTOR",)
     assert nodes.NSFWSafetyFilter.RETURN_TYPES == ("IMAGE", "BOOLEAN", "FLOAT", "STRING", "MASK")
@@ -227,6 +227,38 @@ def test_filter_censors_flagged_images_only(models_dir):
         assert set(im["probs"]) == {"neutral", "low", "medium", "high"}
         assert (">=" in im["reason"]) == im["flagged"]
     assert images.equal(comfy_images(6))  # the input batch is never modified
+
+
+def test_filter_window_censors_the_frames_around_a_flagged_frame(models_dir):
+    """A batch of video frames: one flagged frame censors its neighbours too, and the report
+    gives flagged and censored frames as ranges."""
+    detector = load("tiny-eva")
+    images = comfy_images(7)
+    medium = detector.predict(images, layout="BHWC").levels[:, 2]
+    ranked = medium.sort().values
+    threshold = float((ranked[-1] + ranked[-2]) / 2)  # only the top frame is flagged
+    m = int(medium.argmax())
+    around = list(range(max(m - 1, 0), min(m + 1, 6) + 1))
+
+    out, nsfw, top, text, mask = nodes.NSFWSafetyFilter().filter(images, detector, "medium", threshold, "blur",
+                                                                 window=1)
+    assert out.shape == images.shape and out.dtype == images.dtype and nsfw is True
+    assert [not torch.equal(out[i], images[i]) for i in range(7)] == [i in around for i in range(7)]
+    assert top == pytest.approx(float(medium.max()), abs=1e-6)
+    assert mask.amax(dim=(1, 2)).tolist() == [float(i == m) for i in range(7)]
+    data = json.loads(text)
+    assert data["window"] == 1 and data["flagged_frames"] == [[m, m]]
+    assert data["censored_frames"] == [[around[0], around[-1]]]
+    assert [im["action"] for im in data["images"]] == ["blur" if i in around else "none" for i in range(7)]
+    assert [im["flagged"] for im in data["images"]] == [i == m for i in range(7)]
+    for i in set(around) - {m}:
+        assert data["images"][i]["reason"].endswith("within 1 frames of a flagged frame")
+    for im, score in zip(data["images"], medium.tolist()):
+        assert im["levels"]["medium"] == pytest.approx(score, abs=1e-6)
+    # window 0: the same batch as independent images, one censored
+    out0, _, _, text0, _ = run_filter(images, detector, "medium", threshold, "blur")
+    assert json.loads(text0)["censored_frames"] == [[m, m]]
+    assert [not torch.equal(out0[i], images[i]) for i in range(7)] == [i == m for i in range(7)]
 
 
 @pytest.mark.parametrize("action", ["black", "pixelate", "placeholder", "none"])
@@ -653,7 +685,7 @@ def test_ui_workflow_is_the_same_graph(name):
             assert [o["name"] for o in node["outputs"]] == list(cls.RETURN_NAMES)
             assert [o["type"] for o in node["outputs"]] == list(cls.RETURN_TYPES)
             spec = input_spec(node["type"])
-            widgets = [k for k, v in spec.items() if isinstance(v[0], list) or v[0] in ("FLOAT", "BOOLEAN")]
+            widgets = [k for k, v in spec.items() if isinstance(v[0], list) or v[0] in ("FLOAT", "INT", "BOOLEAN")]
             assert [i["name"] for i in node["inputs"]] == [k for k in spec if k not in widgets]
             assert node["widgets_values"] == [prompt[str(node["id"])]["inputs"][k] for k in widgets]
 

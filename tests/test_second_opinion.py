@@ -117,7 +117,8 @@ CORE = {"LoadImage": ({}, ("IMAGE", "MASK")), "SaveImage": ({"images": "IMAGE"},
 def sockets(class_type: str) -> tuple[dict, tuple]:
     if class_type in NODE_CLASS_MAPPINGS:
         cls = NODE_CLASS_MAPPINGS[class_type]
-        return {k: v[0] for k, v in cls.INPUT_TYPES()["required"].items()}, cls.RETURN_TYPES
+        spec = cls.INPUT_TYPES()
+        return {k: v[0] for k, v in {**spec["required"], **spec.get("optional", {})}.items()}, cls.RETURN_TYPES
     return CORE[class_type]
 
 
@@ -144,8 +145,9 @@ def test_second_opinion_example_workflows_are_valid_and_the_same_graph():
         assert prompt[str(dst)]["inputs"][socket["name"]] == [str(src), src_slot]
     for node in ui["nodes"]:
         if node["type"] in NODE_CLASS_MAPPINGS:
-            required = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()["required"]
-            widgets = [k for k, v in required.items() if isinstance(v[0], list) or v[0] == "FLOAT"]
+            spec = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
+            spec = {**spec["required"], **spec.get("optional", {})}
+            widgets = [k for k, v in spec.items() if isinstance(v[0], list) or v[0] in ("FLOAT", "INT", "BOOLEAN")]
             assert node["widgets_values"] == [prompt[str(node["id"])]["inputs"][k] for k in widgets]
 
 

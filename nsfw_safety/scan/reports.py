@@ -28,13 +28,13 @@ from .files import write_atomic
 
 #: One row per file. ``status`` is "ok", "flagged" or "error"; ``flagged`` is True for
 #: "flagged" and "error" (fail closed: an unchecked file never counts as clean).
-COLUMNS = ("path", "size", "mtime_ns", "width", "height", "status", "flagged", *LEVELS,
+COLUMNS = ("path", "size", "mtime_ns", "width", "height", "frames", "status", "flagged", *LEVELS,
            "reason", "action", "output", "moved_to", "model", "revision", "rules")
 #: The columns that say how a row was scored; every row of a report has the same.
 SETTINGS = ("model", "revision", "rules")
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _INTS = ("size", "mtime_ns", "width", "height")
-_TEXT = ("reason", "action", "output", "moved_to", "model", "revision", "rules")
+_TEXT = ("frames", "reason", "action", "output", "moved_to", "model", "revision", "rules")
 _PATHS = ("path", "output", "moved_to")
 
 

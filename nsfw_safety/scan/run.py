@@ -28,7 +28,9 @@ from PIL import Image
 
 from ..detector import load_detector
 from ..filter import SafetyFilter
-from ..inputs import open_image
+from ..frames import VideoLimits, censor_frames, read_frames
+from ..frames import write_censored as write_censored_video
+from ..inputs import MultiFrameImage, open_image
 from ..levels import LEVELS, NSFW_LEVELS, Policy
 from ..models import ModelLoadError, resolve
 from ..vocabulary import DEFAULT_ACTION, DEFAULT_MODEL
@@ -38,7 +40,7 @@ from .files import remove_stale_temps
 from .html import HtmlReport, ThumbStore
 from .reports import (COLUMNS, SETTINGS, ReportLock, ReportWriter, check_settings, encode_path, latest_rows,
                       read_report)
-from .walk import Found, walk
+from .walk import VIDEO_EXTENSIONS, Found, walk
 
 #: How many flagged files and errors the summary lists (all are in the report).
 LISTED = 1000
@@ -78,16 +80,23 @@ class _Decoded:
     file: Found
     image: Image.Image | None
     error: str | None
+    video: bool = False  # an animation or a video: checked frame by frame by check_video
 
 
 def _decode(f: Found, max_pixels: int) -> _Decoded:
-    """Runs in a worker thread: open and decode one file (first frame, EXIF orientation)."""
+    """Runs in a worker thread: open and decode one file (EXIF orientation); animations and
+    videos are only recognised here, and decoded frame by frame when they are scored."""
     if f.error is not None:
         return _Decoded(f, None, f.error)
     try:
         if f.size == 0:
             raise ValueError("empty file (0 bytes)")
-        return _Decoded(f, open_image(f.path, max_pixels), None)
+        if os.path.splitext(f.path)[1].lower() in VIDEO_EXTENSIONS:
+            return _Decoded(f, None, None, video=True)
+        try:
+            return _Decoded(f, open_image(f.path, max_pixels), None)
+        except MultiFrameImage:
+            return _Decoded(f, None, None, video=True)
     except Exception as e:  # any failure is a row with the reason, never a crash or a pass
         msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
         return _Decoded(f, None, "error: " + _without_path(msg, f.path))
@@ -165,7 +174,11 @@ class _Batches:
                 rows.append(self._act(d, result.images[i], result.flagged[i], result.reasons[i],
                                       result.actions[i], levels[i] if valid[i] else None))
         for d in decoded:
-            if d.image is None:
+            if d.video:
+                row, poster = self._video(d.file)
+                rows.append(row)
+                shown[id(d.file)] = poster
+            elif d.image is None:
                 rows.append(self._row(d.file, status="error", flagged=True, reason=d.error))
         moves = [row for row in rows if self._plan_move(row)]
         self._write(rows)  # the rows of moved files name their target before anything moves
@@ -209,6 +222,61 @@ class _Batches:
             row.update(status="error", flagged=True, reason=f"{reason}; error writing output: {e}", _stays=True)
         row["action"] = "+".join(done) or "none"
         return row
+
+    def _video(self, f: Found) -> tuple[dict[str, Any], Image.Image | None]:
+        """Check an animation or a video, every frame, with ``check_video``; write its censored
+        copy as asked. Its row (``frames`` = checked/total, the levels = the max over its frames)
+        and its poster for the page: a censored flagged frame, or the first frame of a clean file."""
+        from ..video import check_video  # lazy: PyAV and the video module only when a video is found
+
+        opts = self.opts
+        try:
+            result = check_video(f.path, self.guard, limits=VideoLimits(max_pixels=opts.max_pixels))
+        except Exception as e:  # not checked at all: an error row with the reason
+            msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            return self._row(f, status="error", flagged=True, reason="error: " + _without_path(msg, f.path)), None
+        info = result.source
+        failed = result.error is not None or result.levels is None  # "checked N of M frames, then: ..."
+        row = self._row(f, width=info.width, height=info.height, frames=f"{len(result.checked)}/{result.total}",
+                        status="error" if failed else ("flagged" if result.flagged else "ok"),
+                        flagged=result.flagged, reason=result.reason, **(result.levels or {}))
+        done = []
+        try:
+            if result.flagged and not failed and opts.out is not None:
+                target = outputs.free_name(opts.out / f.rel, set())
+                target.parent.mkdir(parents=True, exist_ok=True)
+                row["output"] = str(write_censored_video(f.path, result, target, self.guard))
+                done.append(self.guard.action)
+            elif not result.flagged and opts.copy_safe:
+                row["output"] = str(outputs.copy_file(f.path, opts.out / f.rel))
+                done.append("copy")
+            if result.flagged and opts.in_place and not failed:
+                row["reason"] += "; not overwritten: --in-place rewrites still images only"
+        except Exception as e:  # disk full, a format that cannot be written...: an error row, not a crash
+            row.update(status="error", flagged=True, reason=f"{row['reason']}; error writing output: {e}",
+                       _stays=True)
+        row["action"] = "+".join(done) or "none"
+        poster = self._poster(f, result) if self.html is not None and row["status"] != "error" else None
+        return row, poster
+
+    def _poster(self, f: Found, result: Any) -> Image.Image | None:
+        """The frame the page shows: the first flagged frame censored (None when the action
+        censors nothing: an uncensored flagged frame is never shown), or the first frame."""
+        index = result.flagged_frames[0] if result.flagged else 0
+        action = result.actions.get(index, "none")
+        if result.flagged and action == "none":
+            return None
+        try:
+            frames = read_frames(f.path, select=lambda i, t: i == index, info=result.source)
+            try:
+                image = next(fr.image for fr in frames if fr.index == index)
+            finally:
+                frames.close()
+            if result.flagged:
+                image = censor_frames([image], [action], self.guard)[0]
+            return image if isinstance(image, Image.Image) else Image.fromarray(image)
+        except Exception:  # the row stands; the page shows no thumbnail
+            return None
 
     def _plan_move(self, row: dict[str, Any]) -> bool:
         """Name the quarantine target of a flagged or unreadable file in its row."""

@@ -25,7 +25,9 @@ from typing import Iterator, Sequence
 from .files import is_temp, remove_stale_temps
 
 #: File extensions picked up when a folder is scanned (case-insensitive).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".apng")
+#: Video extensions picked up as well: checked frame by frame (animations are found by content).
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv")
 
 
 @dataclass
@@ -46,7 +48,7 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 
 
 def walk(roots: Sequence[str], exclude: Sequence[str] = ()) -> Iterator[Found]:
