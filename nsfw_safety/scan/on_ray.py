@@ -29,7 +29,7 @@ from .reports import COLUMNS, format_rows, report_format
 from .run import ScanOptions, _model_arg, _settings, _summary, _Tally
 
 #: The settings that scored the folder's rows; a run with other settings is refused.
-SETTINGS_FILE = "nsfw-safety-settings.json"
+SETTINGS_FILE = "_nsfw-safety-settings.json"  # "_": Parquet readers skip it
 _LEVELS = ("neutral", "low", "medium", "high")
 
 
