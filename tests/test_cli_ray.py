@@ -21,7 +21,8 @@ from nsfw_safety.cli import main  # noqa: E402
 
 
 def _scan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nsfw_safety.cli", "scan", "--engine", "ray", *args, "--json"],
+    """fp32 as the suite pins in-process (conftest), so the values compare exactly."""
+    return subprocess.run([sys.executable, "-m", "nsfw_safety.cli", "scan", "--engine", "ray", *args, "--json", "--dtype", "fp32"],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"})
 
