@@ -61,20 +61,25 @@ def main(argv: list[str] | None = None) -> dict:
         t = s["seconds"] - s["model_load_seconds"]
         rows.append({"engine": "local scan", "seconds": round(t, 2), "images_per_second": round(args.images / t, 2),
                      "model_load_seconds": s["model_load_seconds"]})
+        print(rows[-1], flush=True)
 
         t0 = time.monotonic()
         ray.init(include_dashboard=False, log_to_driver=False)
         startup = time.monotonic() - t0
         ray.data.DataContext.get_current().enable_progress_bars = False
+        # actors that take every CPU leave none to the read and decode tasks: the job hangs
+        cpus = ray.cluster_resources()["CPU"]
         try:
             for actors in (int(a) for a in args.actors.split(",")):
                 t0 = time.monotonic()
                 out = nray.scan_to_parquet(nray.read_images(str(src)), root / f"out{actors}", model=model,
-                                           device="cpu", batch_size=args.batch, actors=actors, num_cpus=1)
+                                           device="cpu", batch_size=args.batch, actors=actors,
+                                           num_cpus=min(1.0, cpus / (actors + 1)))
                 t = time.monotonic() - t0
                 assert out["scored"] == args.images, out
                 rows.append({"engine": f"ray, {actors} CPU actor{'s' * (actors > 1)}", "seconds": round(t, 2),
                              "images_per_second": round(args.images / t, 2), "model_load_seconds": None})
+                print(rows[-1], flush=True)
         finally:
             ray.shutdown()
     result = {"images": args.images, "size": args.size, "model": args.model, "batch": args.batch,
