@@ -16,6 +16,7 @@ at once; the model libraries load when a scan starts. This is the only module th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -126,6 +127,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help="overwrite flagged originals with their censored version (mode and owner kept)")
     g.add_argument("--force", action="store_true", help="with --in-place: overwrite read-only files too")
 
+    g = scan.add_argument_group("engine (ray: pip install -e '.[ray]'; see README, At scale: Ray)")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: Ray Data, writing Parquet files to --out DIR, "
+                        "resumable (no --html, --copy-safe, --move-flagged or --in-place)")
+    g.add_argument("--address", help="with --engine ray: a running cluster (auto, ray://HOST:10001); "
+                                     "default: start a local Ray")
+    g.add_argument("--actors", type=_positive_int,
+                   help="with --engine ray: scoring actors (default: one per GPU, else one per 4 CPUs)")
+
     sub.add_parser("serve", add_help=False, help="run the HTTP server (needs the server extra: "
                                                  "pip install -e '.[server]'); see nsfw-safety serve --help")
     return parser, scan
@@ -141,6 +151,15 @@ def _check_scan_args(scan: argparse.ArgumentParser, args: argparse.Namespace) ->
     """Combinations argparse cannot check; errors show the ``scan`` usage and exit 2."""
     if args.thresholds is not None and (args.level is not None or args.threshold is not None):
         scan.error("give either --level/--threshold or --thresholds, not both")
+    if args.engine == "ray":
+        if args.out is None:
+            scan.error("--engine ray needs --out DIR (its Parquet files)")
+        given = [f"--{n.replace('_', '-')}" for n in ("html", "copy_safe", "move_flagged", "in_place", "force")
+                 if getattr(args, n)]
+        if given:
+            scan.error(f"{', '.join(given)} not available with --engine ray")
+    elif args.address is not None or args.actors is not None:
+        scan.error("--address and --actors need --engine ray")
     if args.copy_safe and args.out is None:
         scan.error("--copy-safe needs --out DIR")
     if args.in_place and (args.out is not None or args.move_flagged is not None):
@@ -224,7 +243,13 @@ def _scan(args: argparse.Namespace) -> int:
         out=args.out, copy_safe=args.copy_safe, move_flagged=args.move_flagged, in_place=args.in_place,
         force=args.force)
     try:
-        summary = scan(opts, progress=None if args.quiet else _progress)
+        if args.engine == "ray":
+            from .scan.on_ray import scan_on_ray  # imports ray
+
+            opts = dataclasses.replace(opts, out=None)  # --out is the Parquet folder here, not censored copies
+            summary = scan_on_ray(opts, args.out, address=args.address, actors=args.actors, quiet=args.quiet)
+        else:
+            summary = scan(opts, progress=None if args.quiet else _progress)
     except ScanError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -273,6 +298,8 @@ def _print_summary(s: dict[str, Any], quiet: bool, out) -> None:
         lines.append(f"  ... and {s['flagged'] - PRINTED} more flagged (see the report)")
     if s["report"]:
         lines.append(f"Report: {s['report']}")
+    if s.get("parquet"):
+        lines.append(f"Parquet: {s['parquet']}")
     if s["html"]:
         lines.append(f"HTML:   {s['html']}")
     print("\n".join(lines), file=out)

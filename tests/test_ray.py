@@ -83,7 +83,7 @@ def _check(rows, expected, bad_names):
 
 
 def test_folder_matches_the_library(folder, eva_dir):
-    rows = nray.score_dataset(nray.read_images(str(folder)), model=str(eva_dir), threshold=0.5,
+    rows = nray.score_dataset(nray.read_images(str(folder)), model=str(eva_dir), dtype="fp32", threshold=0.5,
                               batch_size=4, actors=1).take_all()
     _check(rows, _expected(eva_dir, GOOD, threshold=0.5), BAD)
     assert {r["model"] for r in rows} == {str(eva_dir)} or len({r["model"] for r in rows}) == 1
@@ -96,7 +96,7 @@ def test_parquet_with_hf_image_structs(tmp_path, eva_dir):
     data = [{"bytes": b, "path": n} for n, b in {**GOOD, **BAD}.items()]
     pq.write_table(pa.table({"key": names, "image": data}), tmp_path / "part-0.parquet")
     ds = nray.read_parquet_images(str(tmp_path / "part-0.parquet"), image_column="image", id_column="key")
-    rows = nray.score_dataset(ds, model=str(eva_dir), batch_size=5, actors=1).take_all()
+    rows = nray.score_dataset(ds, model=str(eva_dir), dtype="fp32", batch_size=5, actors=1).take_all()
     _check(rows, _expected(eva_dir, GOOD), BAD)
     assert sorted(r["id"] for r in rows) == sorted(names)
 
@@ -111,7 +111,7 @@ def test_webdataset_shards(tmp_path, eva_dir):
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
     ds = nray.read_webdataset_images([str(p) for p in sorted(tmp_path.glob("*.tar"))])
-    rows = nray.score_dataset(ds, model=str(eva_dir), batch_size=3, actors=1).take_all()
+    rows = nray.score_dataset(ds, model=str(eva_dir), dtype="fp32", batch_size=3, actors=1).take_all()
     _check(rows, _expected(eva_dir, GOOD), BAD)
 
 
@@ -119,7 +119,7 @@ def test_hf_dataset(eva_dir):
     datasets = pytest.importorskip("datasets")
     hf = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in GOOD.values()]},
                                     features=datasets.Features({"image": datasets.Image()}))
-    rows = nray.score_dataset(nray.from_hf(hf), model=str(eva_dir), batch_size=4, actors=1).take_all()
+    rows = nray.score_dataset(nray.from_hf(hf), model=str(eva_dir), dtype="fp32", batch_size=4, actors=1).take_all()
     expected = _expected(eva_dir, GOOD)
     assert sorted(int(r["id"]) for r in rows) == list(range(len(GOOD)))
     for r in rows:
@@ -129,7 +129,7 @@ def test_hf_dataset(eva_dir):
 
 
 def test_censor_returns_encoded_images(folder, eva_nsfw_dir):
-    rows = nray.score_dataset(nray.read_images(str(folder)), model=str(eva_nsfw_dir), censor=True,
+    rows = nray.score_dataset(nray.read_images(str(folder)), model=str(eva_nsfw_dir), dtype="fp32", censor=True,
                               action="black", batch_size=4, actors=1).take_all()
     good = [r for r in rows if r["status"] != "error"]
     assert len(good) == len(GOOD) and all(r["flagged"] and r["action"] == "black" for r in good)
