@@ -26,6 +26,7 @@ What is scored is what a viewer sees:
 from __future__ import annotations
 
 import math
+import re
 import os
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Sequence
@@ -314,6 +315,15 @@ def _prepare_array(images, value_range, layout, device) -> Prepared:
 
 # --- files ------------------------------------------------------------------------------------
 
+#: ``<_io.BytesIO object at 0x7f...>``: how decoders name a stream in their errors.
+_OBJECT_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
+
+
+def plain(message: str, label: str) -> str:
+    """``message`` with every Python object repr replaced by ``label`` (errors name inputs, not objects)."""
+    return _OBJECT_REPR.sub(label, message)
+
+
 class ImageTooLarge(ValueError):
     """An image over a pixel limit, or one that cannot be decoded safely (a decompression bomb)."""
 
@@ -373,7 +383,7 @@ def open_image(source: str | os.PathLike | IO[bytes], max_pixels: int | None = N
     except (ImageTooLarge, MultiFrameImage):
         raise
     except Exception as e:  # decoders raise OSError, EOFError, struct.error, ... on hostile bytes
-        raise ValueError(f"{name} is not a readable image ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{name} is not a readable image ({type(e).__name__}: {plain(str(e), name)})") from e
 
 
 def _deep_rgb_key(im: Image.Image) -> bool:

@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -64,7 +63,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from .cascade import BANDLESS, RULES, second_opinion
 from .detector import Detector, load_detector, resolve_dtype
 from .filter import SafetyFilter
-from .inputs import ImageTooLarge, MultiFrameImage, open_image
+from .inputs import ImageTooLarge, MultiFrameImage, open_image, plain
 from .censor import HIDING_ACTIONS
 from .levels import DEFAULT_LEVEL, DEFAULT_THRESHOLD, NSFW_LEVELS, Policy, check_threshold, level_index
 
@@ -255,13 +254,9 @@ class ServiceError(HTTPException):
 
 # --- reading uploads (worker threads) ---------------------------------------------------------
 
-#: ``<_io.BytesIO object at 0x7f...>``: how PIL names a stream in its errors.
-_OBJECT_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
-
-
 def _clean(message: str, label: str) -> str:
     """``message`` with Python object reprs replaced by the upload's name."""
-    return _OBJECT_REPR.sub(label, message)
+    return plain(message, label)
 
 
 def sniff(head: bytes, allowed: Sequence[str]) -> str | None:
