@@ -25,6 +25,8 @@ class Input:
         type: a ComfyUI type (``"IMAGE"``, ``"FLOAT"``, ...), :data:`COMBO` for a list of
             choices, or a type of the pack's own (``"NSFW_DETECTOR"``).
         choices: for a combo, the function that lists them.
+        optional: an input the node runs without (V1's ``"optional"`` inputs, V3's
+            ``optional=True``); its function then gets its keyword default.
     """
 
     name: str
@@ -35,6 +37,7 @@ class Input:
     min: float | None = None
     max: float | None = None
     step: float | None = None
+    optional: bool = False
 
     def options(self) -> dict[str, Any]:
         """The widget options that are set (default, min, max, step, tooltip)."""
@@ -70,11 +73,12 @@ def classic(node: Node) -> type:
     """The classic (V1) node class: ``INPUT_TYPES``, ``RETURN_TYPES``, ``FUNCTION`` and the rest."""
 
     def input_types(cls) -> dict:
-        required = {}
+        spec: dict[str, dict] = {"required": {}}
         for i in node.inputs:
             kind = list(i.choices()) if i.type == COMBO else i.type
-            required[i.name] = (kind, i.options()) if i.options() else (kind,)
-        return {"required": required}
+            group = spec.setdefault("optional", {}) if i.optional else spec["required"]
+            group[i.name] = (kind, i.options()) if i.options() else (kind,)
+        return spec
 
     def run(self, *args, **inputs) -> tuple:
         return node.run(*args, **inputs)
@@ -99,6 +103,8 @@ def v3(io: ModuleType, node: Node) -> type:
         inputs = []
         for i in node.inputs:
             extra = {"options": list(i.choices())} if i.type == COMBO else {}
+            if i.optional:
+                extra["optional"] = True
             inputs.append(_socket(io, i.type).Input(i.name, **extra, **i.options()))
         outputs = [_socket(io, o.type).Output(display_name=o.name, tooltip=o.tooltip) for o in node.outputs]
         return io.Schema(node_id=node.node_id, display_name=node.display_name, category=node.category,

@@ -28,9 +28,10 @@ from nsfw_safety import (  # noqa: E402
     ACTIONS, NSFW_LEVELS, REGISTRY, Detector, ModelSpec, SafetyFilter, load_detector, register,
 )
 from nsfw_safety.censor import default_card, place  # noqa: E402
+from nsfw_safety.regions import CLASS_SETS, SHAPES, RegionDetector  # noqa: E402
 
 PYTHON_KINDS = {"IMAGE": torch.Tensor, "MASK": torch.Tensor, "BOOLEAN": bool, "FLOAT": float, "STRING": str,
-                "NSFW_DETECTOR": Detector}
+                "NSFW_DETECTOR": Detector, "NSFW_REGION_DETECTOR": RegionDetector}
 
 
 @pytest.fixture
@@ -75,14 +76,14 @@ def test_classic_schema():
             assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
         spec = cls.INPUT_TYPES()
         assert set(spec) <= {"required", "optional", "hidden"} and spec["required"]
-        for name, entry in spec["required"].items():
+        for name, entry in {**spec["required"], **spec.get("optional", {})}.items():
             assert isinstance(entry, tuple) and 1 <= len(entry) <= 2, name
             kind, options = entry[0], (entry[1] if len(entry) == 2 else {})
             if isinstance(kind, list):  # combo: the default must be one of the choices
                 assert kind and all(isinstance(c, str) for c in kind)
                 assert options.get("default", kind[0]) in kind, name
             else:
-                assert kind in ("IMAGE", "FLOAT", "NSFW_DETECTOR"), name
+                assert kind in ("IMAGE", "FLOAT", "NSFW_DETECTOR", "NSFW_REGION_DETECTOR"), name
             if kind == "FLOAT":
                 assert options["min"] <= options["default"] <= options["max"]
     assert NODE_CLASS_MAPPINGS["NSFWDetectorLoader"].RETURN_TYPES == ("NSFW_DETECTOR",)
@@ -103,11 +104,13 @@ def test_classic_classes_are_generated_from_the_table():
         assert cls.RETURN_TYPES == tuple(o.type for o in node.outputs)
         assert cls.RETURN_NAMES == tuple(o.name for o in node.outputs)
         assert cls.OUTPUT_TOOLTIPS == tuple(o.tooltip for o in node.outputs)
-        required = cls.INPUT_TYPES()["required"]
-        assert list(required) == [i.name for i in node.inputs]
+        spec = cls.INPUT_TYPES()
+        assert list(spec["required"]) == [i.name for i in node.inputs if not i.optional]
+        assert list(spec.get("optional", {})) == [i.name for i in node.inputs if i.optional]
         for i in node.inputs:
             kind = list(i.choices()) if i.type == schema.COMBO else i.type
-            assert required[i.name] == ((kind, i.options()) if i.options() else (kind,)), i.name
+            group = spec["optional" if i.optional else "required"]
+            assert group[i.name] == ((kind, i.options()) if i.options() else (kind,)), i.name
 
 
 def test_choices_and_defaults_come_from_the_core(models_dir):
@@ -128,7 +131,7 @@ def test_choices_and_defaults_come_from_the_core(models_dir):
     # and no vocabulary of the core is spelled out in the pack (only derived)
     for file in (ROOT / "comfyui_node").glob("*.py"):
         text = file.read_text()
-        for word in {*ACTIONS, *NSFW_LEVELS, *REGISTRY}:
+        for word in {*ACTIONS, *NSFW_LEVELS, *REGISTRY, *CLASS_SETS, *SHAPES}:
             assert f'"{word}"' not in text and f"'{word}'" not in text, (file.name, word)
 
 
@@ -373,7 +376,8 @@ def import_like_comfyui(path: Path) -> types.ModuleType:
 
 def test_root_package_registers_the_nodes():
     pack = import_like_comfyui(ROOT)
-    assert set(pack.NODE_CLASS_MAPPINGS) == {"NSFWDetectorLoader", "NSFWSafetyFilter", "NSFWSafetySwitch"}
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"NSFWDetectorLoader", "NSFWSafetyFilter", "NSFWSafetySwitch",
+                                             "NSFWRegionDetectorLoader", "NSFWRegionFilter"}
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["NSFWSafetyFilter"] == "NSFW Safety Filter"
     assert not hasattr(pack, "comfy_entrypoint")  # V1 wins in ComfyUI anyway
 
@@ -397,7 +401,8 @@ print(sorted(module.NODE_CLASS_MAPPINGS), nsfw_safety.__file__)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr
-    assert "['NSFWDetectorLoader', 'NSFWSafetyFilter', 'NSFWSafetySwitch']" in result.stdout
+    assert ("['NSFWDetectorLoader', 'NSFWRegionDetectorLoader', 'NSFWRegionFilter', 'NSFWSafetyFilter', "
+            "'NSFWSafetySwitch']") in result.stdout
     assert str(pack / "nsfw_safety") in result.stdout
 
 
@@ -438,10 +443,12 @@ def assert_v3_matches_classic(v3_node: type, classic: type) -> None:
     """The V3 schema states exactly what the classic attributes state, input by input."""
     v3 = v3_node.define_schema()
     assert (v3.node_id, v3.category, v3.description) == (classic.__name__, classic.CATEGORY, classic.DESCRIPTION)
-    required = classic.INPUT_TYPES()["required"]
-    assert [i.args for i in v3.inputs] == [(name,) for name in required]
-    for socket, (kind, *options) in zip(v3.inputs, required.values()):
+    spec = classic.INPUT_TYPES()
+    given = {**spec["required"], **spec.get("optional", {})}
+    assert [i.args for i in v3.inputs] == [(name,) for name in given]
+    for socket, (name, (kind, *options)) in zip(v3.inputs, given.items()):
         kwargs = dict(socket.kwargs)
+        assert kwargs.pop("optional", False) == (name in spec.get("optional", {}))
         if isinstance(kind, list):  # a combo: its choices are the V3 options
             assert socket.io_type == schema.COMBO and kwargs.pop("options") == kind
         else:
@@ -512,23 +519,41 @@ def test_v3_nodes_match_the_classic_ones(models_dir, monkeypatch):
 # --- example workflows and packaging files ------------------------------------------------------
 
 EXAMPLES = ROOT / "examples" / "comfyui"
-# the sockets of the ComfyUI core nodes used by the examples
-CORE_OUTPUTS = {"LoadImage": ("IMAGE", "MASK"), "MaskToImage": ("IMAGE",), "SaveImage": (), "PreviewImage": ()}
+#: (API form, UI form) of each example workflow
+WORKFLOWS = [("nsfw_safety_api.json", "nsfw_safety_workflow.json"),
+             ("nsfw_safety_regions_inpaint_api.json", "nsfw_safety_regions_inpaint_workflow.json")]
+# the sockets of the ComfyUI core nodes used by the examples (from ComfyUI's nodes.py)
+CORE_OUTPUTS = {"LoadImage": ("IMAGE", "MASK"), "MaskToImage": ("IMAGE",), "SaveImage": (), "PreviewImage": (),
+                "CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"), "CLIPTextEncode": ("CONDITIONING",),
+                "VAEEncodeForInpaint": ("LATENT",), "KSampler": ("LATENT",), "VAEDecode": ("IMAGE",),
+                "ImageCompositeMasked": ("IMAGE",)}
 CORE_INPUTS = {"LoadImage": {}, "MaskToImage": {"mask": "MASK"}, "SaveImage": {"images": "IMAGE"},
-               "PreviewImage": {"images": "IMAGE"}}
+               "PreviewImage": {"images": "IMAGE"}, "CheckpointLoaderSimple": {}, "CLIPTextEncode": {"clip": "CLIP"},
+               "VAEEncodeForInpaint": {"pixels": "IMAGE", "vae": "VAE", "mask": "MASK"},
+               "KSampler": {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
+                            "latent_image": "LATENT"},
+               "VAEDecode": {"samples": "LATENT", "vae": "VAE"},
+               "ImageCompositeMasked": {"destination": "IMAGE", "source": "IMAGE", "mask": "MASK"}}
+
+
+def input_specs(cls: type) -> dict:
+    """A classic node's inputs, required then optional: name -> (type or combo list, options)."""
+    spec = cls.INPUT_TYPES()
+    return {**spec["required"], **spec.get("optional", {})}
 
 
 def sockets(class_type: str) -> tuple[dict, tuple]:
     """(input name -> type or combo list, output types) of a node class."""
     if class_type in NODE_CLASS_MAPPINGS:
         cls = NODE_CLASS_MAPPINGS[class_type]
-        return {k: v[0] for k, v in cls.INPUT_TYPES()["required"].items()}, cls.RETURN_TYPES
+        return {k: v[0] for k, v in input_specs(cls).items()}, cls.RETURN_TYPES
     return CORE_INPUTS[class_type], CORE_OUTPUTS[class_type]
 
 
-def test_api_workflow_is_valid_for_the_nodes():
-    prompt = json.loads((EXAMPLES / "nsfw_safety_api.json").read_text())
-    assert {n["class_type"] for n in prompt.values()} >= {"NSFWDetectorLoader", "NSFWSafetyFilter"}
+@pytest.mark.parametrize("api, ui", WORKFLOWS)
+def test_api_workflow_is_valid_for_the_nodes(api, ui):
+    prompt = json.loads((EXAMPLES / api).read_text())
+    assert {n["class_type"] for n in prompt.values()} >= {"NSFWDetectorLoader"}
     for node_id, node in prompt.items():
         inputs, _ = sockets(node["class_type"])
         ours = node["class_type"] in NODE_CLASS_MAPPINGS
@@ -541,14 +566,30 @@ def test_api_workflow_is_valid_for_the_nodes():
             elif ours and isinstance(inputs[name], list):
                 assert value in inputs[name], (node_id, name)
             elif ours:
-                spec = NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"][name][1]
+                spec = input_specs(NODE_CLASS_MAPPINGS[node["class_type"]])[name][1]
                 assert spec["min"] <= value <= spec["max"]
-    assert prompt["3"]["inputs"]["images"] == ["1", 0] and prompt["4"]["inputs"]["images"] == ["3", 0]
 
 
-def test_ui_workflow_is_the_same_graph():
-    ui = json.loads((EXAMPLES / "nsfw_safety_workflow.json").read_text())
-    prompt = json.loads((EXAMPLES / "nsfw_safety_api.json").read_text())
+def test_the_example_workflows_are_wired_as_described():
+    plain = json.loads((EXAMPLES / "nsfw_safety_api.json").read_text())
+    assert plain["3"]["inputs"]["images"] == ["1", 0] and plain["4"]["inputs"]["images"] == ["3", 0]
+    inpaint = json.loads((EXAMPLES / "nsfw_safety_regions_inpaint_api.json").read_text())
+    kinds = {k: n["class_type"] for k, n in inpaint.items()}
+    region = next(k for k, c in kinds.items() if c == "NSFWRegionFilter")
+    encode = next(n for n in inpaint.values() if n["class_type"] == "VAEEncodeForInpaint")
+    paste = next(n for n in inpaint.values() if n["class_type"] == "ImageCompositeMasked")
+    # the censored image and its region mask go to the inpaint; the repaint is pasted inside the mask only
+    assert encode["inputs"]["pixels"] == [region, 0] and encode["inputs"]["mask"] == [region, 4]
+    assert paste["inputs"]["destination"] == [region, 0] and paste["inputs"]["mask"] == [region, 4]
+    # and the repainted image is checked again before it is saved
+    save = next(n for n in inpaint.values() if n["class_type"] == "SaveImage")
+    assert kinds[save["inputs"]["images"][0]] == "NSFWSafetyFilter"
+
+
+@pytest.mark.parametrize("api, ui", WORKFLOWS)
+def test_ui_workflow_is_the_same_graph(api, ui):
+    ui = json.loads((EXAMPLES / ui).read_text())
+    prompt = json.loads((EXAMPLES / api).read_text())
     nodes_by_id = {n["id"]: n for n in ui["nodes"]}
     assert {str(i): n["type"] for i, n in nodes_by_id.items()} == {k: v["class_type"] for k, v in prompt.items()}
     assert ui["last_node_id"] == max(nodes_by_id) and ui["last_link_id"] == max(link[0] for link in ui["links"])
@@ -562,9 +603,9 @@ def test_ui_workflow_is_the_same_graph():
             cls = NODE_CLASS_MAPPINGS[node["type"]]
             assert [o["name"] for o in node["outputs"]] == list(cls.RETURN_NAMES)
             assert [o["type"] for o in node["outputs"]] == list(cls.RETURN_TYPES)
-            required = cls.INPUT_TYPES()["required"]
-            widgets = [k for k, v in required.items() if isinstance(v[0], list) or v[0] == "FLOAT"]
-            assert [i["name"] for i in node["inputs"]] == [k for k in required if k not in widgets]
+            given = input_specs(cls)
+            widgets = [k for k, v in given.items() if isinstance(v[0], list) or v[0] == "FLOAT"]
+            assert [i["name"] for i in node["inputs"]] == [k for k in given if k not in widgets]
             assert node["widgets_values"] == [prompt[str(node["id"])]["inputs"][k] for k in widgets]
 
 
