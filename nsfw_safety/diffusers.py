@@ -34,6 +34,7 @@ from .detector import Detector, load_detector, resolve_dtype
 from .filter import FilterResult, SafetyFilter
 from .inputs import tensor_to_pil
 from .levels import DEFAULT_LEVEL, DEFAULT_THRESHOLD
+from .regions.settings import RegionSettings
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         super().__init__()
         if not isinstance(guard, SafetyFilter):
             raise TypeError(f"guard must be a SafetyFilter, got {type(guard).__name__}")
+        if guard.detector is None:
+            raise TypeError("a safety checker needs a classifier: its SafetyFilter is region-only (detector=None)")
         detector = guard.detector
         self.guard = guard
         self.classifier = detector.model  # a submodule, so the pipeline's .to() and offload move it
@@ -104,6 +107,7 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
             model=model or detector.model_id, revision=detector.revision, level=policy.level,
             threshold=policy.threshold, thresholds=policy.thresholds, on_error=guard.on_error, **censoring,
             compute_dtype=None if self._pinned_dtype is None else str(self._pinned_dtype).removeprefix("torch."),
+            regions=guard.regions.to_dict() if guard.regions is not None else None,
         )
 
     # --- loading and saving ----------------------------------------------------------------
@@ -118,6 +122,7 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                         device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
                         compile: bool = False, max_batch_size: int = 32, torch_dtype: torch.dtype | None = None,
+                        regions: RegionSettings | Mapping[str, Any] | bool | None = None,
                         **loader_kwargs) -> NSFWSafetyChecker:
         """Load a checker.
 
@@ -135,6 +140,11 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
                 the pipeline's ``torch_dtype`` is.
             torch_dtype: the pipeline's dtype, only reported as :attr:`dtype` (diffusers passes
                 it when it loads a saved pipeline).
+            regions: region mode (see :class:`SafetyFilter`): a :class:`RegionSettings`, a dict of
+                its settings (``RegionSettings.to_dict``'s keys, any of them), True for the
+                defaults, or False for none; default: the saved settings, else none. The saved
+                config records the region model by reference (None: the installed nudenet
+                package's model; else the ``.onnx`` file's path), never a copy of it.
             loader_kwargs: the rest of what diffusers' pipeline loader passes (``device_map``,
                 ``variant``, ...); ignored.
         Raises:
@@ -157,6 +167,8 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
                 placeholder = source / PLACEHOLDER_FILE
             if dtype is None:
                 dtype = saved.get("compute_dtype")
+            if regions is None:
+                regions = saved.get("regions")
         if level is not None or threshold is not None or thresholds is not None:
             settings.update(level=level or DEFAULT_LEVEL, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                             thresholds=thresholds)
@@ -166,7 +178,7 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
                                  local_files_only=local_files_only, device=device, dtype=dtype,
                                  compile=compile, max_batch_size=max_batch_size)
         guard = SafetyFilter(detector, settings.pop("level"), settings.pop("threshold"),
-                             placeholder=placeholder, **settings)
+                             placeholder=placeholder, regions=_region_settings(regions), **settings)
         checker = cls(guard, dtype=dtype, model=origin)
         checker._host_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else None
         return checker
@@ -262,6 +274,19 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         return result.images, result.flagged
 
 
+def _region_settings(regions: RegionSettings | Mapping[str, Any] | bool | None) -> RegionSettings | None:
+    if regions is None or regions is False:
+        return None
+    if regions is True:
+        return RegionSettings()
+    if isinstance(regions, Mapping):
+        return RegionSettings.from_dict(regions)
+    if isinstance(regions, RegionSettings):
+        return regions
+    raise TypeError(f"regions must be a RegionSettings, a dict of its settings, True, False or None; "
+                    f"got {type(regions).__name__}")
+
+
 def _saved_config(path: Any, class_name: str) -> dict | None:
     """The settings in a directory written by ``NSFWSafetyChecker.save_pretrained``, else None."""
     if not isinstance(path, (str, os.PathLike)) or not (Path(path) / "config.json").is_file():
@@ -292,6 +317,9 @@ def attach(pipe: Any, checker_or_filter: NSFWSafetyChecker | SafetyFilter | Dete
         checker_or_filter: an :class:`NSFWSafetyChecker`, a :class:`SafetyFilter`, a
             :class:`Detector` (``kwargs`` then go to :class:`SafetyFilter`), or None
             (``kwargs`` go to :meth:`NSFWSafetyChecker.from_pretrained`; ``model=`` names the detector).
+            Either way ``regions=`` turns region mode on: only the flagged parts of a flagged
+            image are censored (the drop-in then returns the whole image in [0, 1], the rest of
+            it as the pipeline would have denormalized it).
     Returns:
         The checker, also at ``pipe.nsfw_safety``; its ``last_result`` holds each call's scores.
     Raises:
@@ -382,6 +410,8 @@ def _as_checker(checker_or_filter: Any, kwargs: dict) -> NSFWSafetyChecker:
     if checker_or_filter is None:
         return NSFWSafetyChecker.from_pretrained(kwargs.pop("model", "eva"), **kwargs)
     if isinstance(checker_or_filter, Detector):
+        if "regions" in kwargs:
+            kwargs["regions"] = _region_settings(kwargs["regions"])
         return NSFWSafetyChecker(SafetyFilter(checker_or_filter, **kwargs))
     if kwargs:
         raise TypeError(f"settings {sorted(kwargs)} cannot be combined with a ready "
