@@ -136,9 +136,10 @@ def rows(args: argparse.Namespace, checkpoint: Path) -> list[dict[str, Any]]:
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     batches = meta["batch_sizes"]
+    threads = f"{meta['threads']} thread" + ("s" if meta["threads"] != 1 else "")
     lines = [f"# Region mode's cost per image: {meta['device_name']}", "",
              f"{meta['date']} · torch {meta['torch']} · onnxruntime {meta['onnxruntime']} ({meta['provider']}) · "
-             f"{meta['threads']} thread{'s' if meta['threads'] != 1 else ''} · load average {meta['load_average_start'][0]:.1f} at start, "
+             f"{threads} · load average {meta['load_average_start'][0]:.1f} at start, "
              f"{meta['load_average_end'][0]:.1f} at end", "",
              f"Random {meta['image_size']} x {meta['image_size']} images; median of {meta['repeats']} calls after a "
              "warm-up; milliseconds per image, wall clock and process CPU time (all threads).", "",

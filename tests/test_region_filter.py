@@ -150,7 +150,8 @@ def test_only_flagged_images_are_searched(eva_dir, regions, monkeypatch):
     threshold = sorted(levels)[1]  # flags the two highest
     seen = []
     real = settings_module.RegionDetector.__call__
-    monkeypatch.setattr(settings_module.RegionDetector, "__call__", lambda self, im: seen.append(len(im)) or real(self, im))
+    monkeypatch.setattr(settings_module.RegionDetector, "__call__",
+                        lambda self, im: seen.append(len(im)) or real(self, im))
     out = SafetyFilter(mixed, threshold=threshold, regions=regions)(x)
     assert out.flagged == [v >= threshold for v in levels] and sum(out.flagged) == 2
     assert seen == [2]
