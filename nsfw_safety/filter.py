@@ -244,12 +244,12 @@ class SafetyFilter:
                         boxed.append(j)
                 if not boxed:
                     continue
-                mask = region_mask(located.take(boxed), shape=self.regions.shape, feather=self.regions.feather)
+                chosen = located.take(boxed)
+                mask = region_mask(chosen, shape=self.regions.shape, feather=self.regions.feather)
                 masks.update(zip([index[j] for j in boxed], mask))
-                action = self.action
-                if action != "none":
+                if self.action != "none":
                     c = self.censoring
-                    out = censor_regions(_rgba(batch[boxed]), mask, action, regions=located.take(boxed),
+                    out = censor_regions(_rgba(batch[boxed]), mask, self.action, regions=chosen,
                                          blur_strength=c.blur_strength, block=c.block, color=c.color,
                                          placeholder=c.placeholder)
                     done.update(zip([index[j] for j in boxed], out))
@@ -296,15 +296,15 @@ def _masks(images: Any, prepared: _inputs.Prepared, flagged: list[bool],
     """The result's masks: ``masks`` for region-censored images, 1 over the other flagged ones, 0
     over passed ones. (B, H, W) on the input's device, or a list of (H_i, W_i) for a list input."""
     pixels = prepared.pixels
-    if isinstance(images, (list, tuple)):
+    if isinstance(images, (list, tuple)) or isinstance(pixels, list):  # a list, or one large image kept apart
+        items = images if isinstance(images, (list, tuple)) else [images]
         out = []
-        for i, item in enumerate(images):
-            h, w = pixels[i].shape[-2:]
+        for i, item in enumerate(items):
             m = masks.get(i)
             if m is None:
-                m = torch.full((h, w), float(flagged[i]), device=pixels[i].device)
+                m = torch.full(pixels[i].shape[-2:], float(flagged[i]), device=pixels[i].device)
             out.append(m.to(item.device if isinstance(item, torch.Tensor) else "cpu"))
-        return out
+        return out if isinstance(images, (list, tuple)) else torch.stack(out)
     n, _, h, w = pixels.shape
     out = torch.tensor(flagged, dtype=torch.float32).view(n, 1, 1).expand(n, h, w).to(pixels.device)
     if masks:

@@ -247,6 +247,15 @@ def test_region_only_mode(regions):
         SafetyFilter(None, regions="exposed")
 
 
+def test_a_large_single_image_kept_apart_gets_its_mask(nsfw, regions, monkeypatch):
+    from nsfw_safety import inputs
+
+    monkeypatch.setattr(inputs, "_STACK_BYTES", 1000)  # as for an image over 64 MB: its pixels stay a list
+    out = SafetyFilter(nsfw, regions=regions)(Image.fromarray(SCENE))
+    assert isinstance(out.images, Image.Image) and out.masks.shape == (1, 600, 800)
+    assert torch.equal(hwc(out.images)[out.masks[0] == 0], torch.from_numpy(SCENE)[out.masks[0] == 0])
+
+
 def test_transparent_images_are_searched_over_white_and_black(nsfw, regions):
     """The wheel is visible only over black (its alpha hides it over white): it is found, and censored."""
     rgba = np.dstack([SCENE, np.full(SCENE.shape[:2], 255, np.uint8)])
