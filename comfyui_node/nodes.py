@@ -1,5 +1,5 @@
-"""The pack's nodes: a detector loader, a second opinion, a safety filter and a safety switch,
-as one table.
+"""The pack's nodes: a detector loader, a second opinion, a safety filter, a safety switch, and a
+region detector loader and region filter, as one table.
 
 :data:`NODES` describes each node once (see :mod:`.schema`); the classic (V1) classes below and
 the V3 classes of :mod:`.v3` are both generated from it. Every choice comes from the core: the
@@ -13,6 +13,7 @@ batch on the detector's device and comes back in the same layout, dtype and devi
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from typing import Any
@@ -25,8 +26,9 @@ from nsfw_safety.cascade import BANDLESS, RULES, is_detector, second_opinion
 from nsfw_safety.models import DEFAULT_MODEL
 from nsfw_safety.vocabulary import HIDING_ACTIONS
 from nsfw_safety.video import check_video, frame_ranges
+from nsfw_safety.regions import CLASS_SETS, SHAPES, RegionDetector, RegionSettings
 
-from . import management
+from . import management, region_models
 from .schema import COMBO, Input, Node, Output, classic
 
 try:  # lets the switch skip the branch that received no images
@@ -42,6 +44,9 @@ ACTIONS = tuple(CENSOR_ACTIONS)
 _NO_ACTION = next(a for a in ACTIONS if a not in HIDING_ACTIONS)  # what an uncensored frame's action reads
 #: level, threshold and action default to the filter's own defaults.
 _DEFAULTS = {name: p.default for name, p in inspect.signature(SafetyFilter).parameters.items()}
+REGION_DETECTOR = "NSFW_REGION_DETECTOR"
+#: classes, threshold, expand, shape and feather default to the region settings' own defaults.
+_REGION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RegionSettings)}
 
 
 def _check(images: Any, detector: Any) -> None:
@@ -182,6 +187,54 @@ def run_switch(images: torch.Tensor, detector: Detector, level: str, threshold: 
             report(result, detector, level, threshold, action))
 
 
+def run_region_loader(model: str) -> tuple[RegionDetector]:
+    """Load a region detector (once per model file)."""
+    return (region_models.load(model),)
+
+
+def run_region_filter(images: torch.Tensor, region_detector: RegionDetector, classes: str, region_threshold: float,
+                      expand: float, shape: str, feather: float, action: str, detector: Detector | None = None,
+                      level: str = _DEFAULTS["level"], threshold: float = _DEFAULTS["threshold"]) -> tuple:
+    """(images censored in their regions, any flagged, max score, JSON report, region mask).
+
+    With a classifier (``detector``) it decides which images are flagged, and a flagged image
+    with no region found is censored whole; without one, an image is flagged when a region is
+    found. The mask is (B, H, W) float32 in [0, 1] on the images' device: ready for an
+    inpainting node.
+    """
+    if not isinstance(region_detector, RegionDetector):
+        raise TypeError(f"region_detector must come from the NSFW Region Detector Loader node, "
+                        f"got {type(region_detector).__name__}")
+    if detector is not None:
+        _check(images, detector)
+        management.activate(detector)
+    elif not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise TypeError(f"images must be a ComfyUI IMAGE, a (B, H, W, C) tensor; got {type(images).__name__}")
+    settings = RegionSettings(region_detector, classes, region_threshold, expand, shape, feather)
+    result = SafetyFilter(detector, level, threshold, action=action, regions=settings)(images, layout="BHWC")
+    if detector is not None:
+        best = max_score(result, level)
+    else:
+        best = max((r.score for found in result.regions for r in found), default=0.0)
+    return (result.images, result.any_flagged, best, region_report(result, detector, settings, level, threshold,
+                                                                   action), result.masks)
+
+
+def region_report(result: FilterResult, detector: Detector | None, settings: RegionSettings, level: str,
+                  threshold: float, action: str) -> str:
+    """:func:`report` plus the region settings and each image's regions (boxes in pixels)."""
+    if detector is not None:
+        out = json.loads(report(result, detector, level, threshold, action))
+    else:  # region-only: no classifier, no scores
+        rows = zip(result.flagged, result.reasons, result.actions)
+        out = {"model": None, "level": None, "threshold": None, "action": action, "any_flagged": result.any_flagged,
+               "images": [{"index": i, "flagged": f, "reason": r, "action": a} for i, (f, r, a) in enumerate(rows)]}
+    out["regions"] = settings.to_dict()
+    for row, found in zip(out["images"], result.regions):
+        row["regions"] = [r.to_dict() for r in found]
+    return json.dumps(out, allow_nan=False)
+
+
 def _branch(images: torch.Tensor) -> Any:
     """An empty branch blocks its downstream nodes in ComfyUI (outside it: the empty batch)."""
     if len(images) == 0 and ExecutionBlocker is not None:
@@ -255,6 +308,45 @@ NODES: tuple[Node, ...] = (
                   Output("IMAGE", "flagged", "the flagged images; nodes after it are skipped when there are none"),
                   Output("BOOLEAN", "nsfw", "true if any image is flagged"),
                   Output("STRING", "report", "JSON: per-image scores, flags and reasons"))),
+    Node("NSFWRegionDetectorLoader", "NSFW Region Detector Loader", CATEGORY,
+         "Loads NudeNet's body-part detector, which says where to censor (cached). NudeNet's code and model "
+         "are AGPL-3.0.", "load", run_region_loader,
+         inputs=(Input("model", COMBO, "the installed nudenet package's model, or a .onnx file under "
+                                       f"models/{region_models.FOLDER}", choices=region_models.choices),),
+         outputs=(Output(REGION_DETECTOR, "region_detector", "for the region filter node"),)),
+    Node("NSFWRegionFilter", "NSFW Region Filter", CATEGORY,
+         "Censors only the regions the region detector finds in flagged images, and outputs their mask for "
+         "inpainting. With a classifier connected it decides which images are flagged (one with no region "
+         "found is censored whole); without one, any region found flags the image.",
+         "filter", run_region_filter,
+         inputs=(Input("images", "IMAGE"),
+                 Input("region_detector", REGION_DETECTOR),
+                 Input("classes", COMBO, "what to censor: exposed parts, faces (privacy), or every class",
+                       default=_REGION_DEFAULTS["classes"], choices=lambda: tuple(CLASS_SETS)),
+                 Input("region_threshold", "FLOAT", "a region is censored when its score reaches this",
+                       default=_REGION_DEFAULTS["threshold"], min=0.0, max=1.0, step=0.01),
+                 Input("expand", "FLOAT", "grow each box by this fraction of its size",
+                       default=_REGION_DEFAULTS["expand"], min=0.0, max=2.0, step=0.05),
+                 Input("shape", COMBO, default=_REGION_DEFAULTS["shape"], choices=lambda: SHAPES),
+                 Input("feather", "FLOAT", "soft edge, a fraction of the box's longer side",
+                       default=_REGION_DEFAULTS["feather"], min=0.0, max=1.0, step=0.01),
+                 Input("action", COMBO, "what to do inside the regions; none only outputs the mask. Images that "
+                                        "could not be checked are black", default=_DEFAULTS["action"],
+                       choices=lambda: ACTIONS),
+                 Input("detector", DETECTOR, "optional classifier that decides which images are flagged",
+                       optional=True),
+                 Input("level", COMBO, "with a classifier: flag an image when its score for this level reaches "
+                                       "the threshold", default=_DEFAULTS["level"], choices=lambda: NSFW_LEVELS,
+                       optional=True),
+                 Input("threshold", "FLOAT", "with a classifier", default=_DEFAULTS["threshold"], min=0.0, max=1.0,
+                       step=0.01, optional=True)),
+         outputs=(Output("IMAGE", "images", "the input with the regions of flagged images censored"),
+                  Output("BOOLEAN", "nsfw", "true if any image is flagged"),
+                  Output("FLOAT", "max_score", "the classifier's highest score of the chosen level; without one, "
+                                               "the highest region score"),
+                  Output("STRING", "report", "JSON: per-image flags, reasons, scores and regions"),
+                  Output("MASK", "mask", "where each image was censored (1 over an image censored whole, 0 over "
+                                         "one passed): feed it to an inpainting node"))),
 )
 
 NODE_CLASS_MAPPINGS = {node.node_id: classic(node) for node in NODES}
@@ -263,3 +355,5 @@ NSFWDetectorLoader = NODE_CLASS_MAPPINGS["NSFWDetectorLoader"]
 NSFWSecondOpinion = NODE_CLASS_MAPPINGS["NSFWSecondOpinion"]
 NSFWSafetyFilter = NODE_CLASS_MAPPINGS["NSFWSafetyFilter"]
 NSFWSafetySwitch = NODE_CLASS_MAPPINGS["NSFWSafetySwitch"]
+NSFWRegionDetectorLoader = NODE_CLASS_MAPPINGS["NSFWRegionDetectorLoader"]
+NSFWRegionFilter = NODE_CLASS_MAPPINGS["NSFWRegionFilter"]

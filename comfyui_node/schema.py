@@ -25,8 +25,9 @@ class Input:
         type: a ComfyUI type (``"IMAGE"``, ``"FLOAT"``, ...), :data:`COMBO` for a list of
             choices, or a type of the pack's own (``"NSFW_DETECTOR"``).
         choices: for a combo, the function that lists them.
-        optional: a widget a saved workflow may lack (one added later); the node's function
-            then gets its own default.
+        optional: an input the node runs without (V1's ``"optional"`` inputs, V3's
+            ``optional=True``), e.g. a widget a saved workflow may lack; its function then gets
+            its keyword default.
     """
 
     name: str

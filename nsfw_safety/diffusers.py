@@ -40,6 +40,7 @@ from .filter import FilterResult, SafetyFilter
 from .inputs import tensor_to_pil
 from .levels import DEFAULT_LEVEL, DEFAULT_THRESHOLD
 from .video import VideoBatchResult, check_videos
+from .regions.settings import RegionSettings
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         elif rule or settings:
             raise TypeError(f"settings {sorted(rule | settings)} cannot be combined with a ready SafetyFilter: "
                             f"give them to the SafetyFilter, or pass its detector instead")
+        if guard.detector is None:
+            raise TypeError("a safety checker needs a classifier: its SafetyFilter is region-only (detector=None)")
         detector = guard.detector
         self.guard = guard
         self.classifier = detector.model  # a submodule, so the pipeline's .to() and offload move it
@@ -145,6 +148,7 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
             threshold=policy.threshold, thresholds=policy.thresholds, on_error=guard.on_error, **censoring,
             compute_dtype=None if self._pinned_dtype is None else str(self._pinned_dtype).removeprefix("torch."),
             second_opinion=second_config,
+            regions=guard.regions.to_dict() if guard.regions is not None else None,
         )
 
     # --- loading and saving ----------------------------------------------------------------
@@ -161,6 +165,7 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
                         compile: bool = False, max_batch_size: int = 32, torch_dtype: torch.dtype | None = None,
                         second_opinion: str | os.PathLike | Detector | None = None,
                         band: tuple[float, float] | None = None, combine: str | None = None,
+                        regions: RegionSettings | Mapping[str, Any] | bool | None = None,
                         **loader_kwargs) -> NSFWSafetyChecker:
         """Load a checker.
 
@@ -183,6 +188,11 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
                 :func:`nsfw_safety.cascade.second_opinion` does: ``band`` on the rule's level
                 (default: the images the first flags), ``combine`` ``"override"`` (default),
                 ``"mean"``, ``"max"``, or ``"any"``/``"all"`` (both models on every image).
+            regions: region mode (see :class:`SafetyFilter`): a :class:`RegionSettings`, a dict of
+                its settings (``RegionSettings.to_dict``'s keys, any of them), True for the
+                defaults, or False for none; default: the saved settings, else none. The saved
+                config records the region model by reference (None: the installed nudenet
+                package's model; else the ``.onnx`` file's path), never a copy of it.
             loader_kwargs: the rest of what diffusers' pipeline loader passes (``device_map``,
                 ``variant``, ...); ignored.
         Raises:
@@ -210,6 +220,8 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
                 placeholder = source / PLACEHOLDER_FILE
             if dtype is None:
                 dtype = saved.get("compute_dtype")
+            if regions is None:
+                regions = saved.get("regions")
         if level is not None or threshold is not None or thresholds is not None:
             settings.update(level=level or DEFAULT_LEVEL, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                             thresholds=thresholds)
@@ -231,7 +243,7 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         elif band is not None or combine is not None:
             raise ValueError("band and combine need a second_opinion model")
         guard = SafetyFilter(detector, settings.pop("level"), settings.pop("threshold"),
-                             placeholder=placeholder, **settings)
+                             placeholder=placeholder, regions=_region_settings(regions), **settings)
         checker = cls(guard, dtype=dtype, model=origin)
         if "kept" in second:  # record the second model it was saved from, not the folder of its copy
             kept = second["kept"]
@@ -379,6 +391,19 @@ def _second_config(detector: Cascade | Ensemble, second: Detector) -> dict[str, 
             "names": list(detector.names)}
 
 
+def _region_settings(regions: RegionSettings | Mapping[str, Any] | bool | None) -> RegionSettings | None:
+    if regions is None or regions is False:
+        return None
+    if regions is True:
+        return RegionSettings()
+    if isinstance(regions, Mapping):
+        return RegionSettings.from_dict(regions)
+    if isinstance(regions, RegionSettings):
+        return regions
+    raise TypeError(f"regions must be a RegionSettings, a dict of its settings, True, False or None; "
+                    f"got {type(regions).__name__}")
+
+
 def _saved_config(path: Any, class_name: str) -> dict | None:
     """The settings in a directory written by ``NSFWSafetyChecker.save_pretrained``, else None."""
     if not isinstance(path, (str, os.PathLike)) or not (Path(path) / "config.json").is_file():
@@ -415,6 +440,9 @@ def attach(pipe: Any, checker_or_filter: NSFWSafetyChecker | SafetyFilter | Dete
             ``second_opinion``, ``band`` and ``combine``, which make a second opinion as
             :meth:`NSFWSafetyChecker.from_pretrained` does), or None (``kwargs`` go to
             :meth:`NSFWSafetyChecker.from_pretrained`; ``model=`` names the detector).
+            Either way ``regions=`` turns region mode on: only the flagged parts of a flagged
+            image are censored (the drop-in then returns the whole image in [0, 1], the rest of
+            it as the pipeline would have denormalized it).
     Returns:
         The checker, also at ``pipe.nsfw_safety``; its ``last_result`` holds each call's scores.
     Raises:
@@ -528,6 +556,8 @@ def _as_checker(checker_or_filter: Any, kwargs: dict) -> NSFWSafetyChecker:
                                          threshold=kwargs.get("threshold", DEFAULT_THRESHOLD))
         elif band is not None or combine is not None:
             raise ValueError("band and combine need a second_opinion model")
+        if "regions" in kwargs:
+            kwargs["regions"] = _region_settings(kwargs["regions"])
         return NSFWSafetyChecker(SafetyFilter(detector, **kwargs))
     if kwargs:
         raise TypeError(f"settings {sorted(kwargs)} cannot be combined with a ready "

@@ -15,6 +15,9 @@ from . import inputs as _inputs
 from .censor import DEFAULT_ACTION, DEFAULT_BLOCK, DEFAULT_BLUR, CensorSettings
 from .detector import Detector
 from .levels import DEFAULT_LEVEL, DEFAULT_THRESHOLD, Policy, Scores
+from .regions.detector import Region
+from .regions.mask import censor_regions, region_mask
+from .regions.settings import RegionSettings, locate
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,13 @@ class FilterResult:
         reasons: one string per image, e.g. ``"medium 0.83 >= 0.50"``, ``"non-finite input"``,
             ``"error: RuntimeError: ..."``.
         actions: the censoring applied per image (``"none"`` for images passed through).
+        regions: region mode only (else None): per image, the regions censored, each a
+            ``Region(label, score, box)`` with the box ``(x1, y1, x2, y2)`` in input pixels; empty
+            for an image passed, or censored whole.
+        masks: region mode only (else None): where each image is censored, float32 in [0, 1]:
+            (B, H, W) on the input's device (CPU for numpy and PIL), or for a list input a list
+            of (H_i, W_i). 1 over an image censored whole, 0 over one passed. With action
+            ``"none"``, where the action would have applied.
     """
 
     images: Any
@@ -40,6 +50,8 @@ class FilterResult:
     scores: Scores | None
     reasons: list[str]
     actions: list[str]
+    regions: list[list[Region]] | None = None
+    masks: torch.Tensor | list[torch.Tensor] | None = None
 
     @property
     def any_flagged(self) -> bool:
@@ -67,18 +79,31 @@ class SafetyFilter:
             built-in "content hidden" card.
         censoring: the censor settings as one :class:`~nsfw_safety.censor.CensorSettings`, instead of
             ``action``, ``blur_strength``, ``block``, ``color`` and ``placeholder``.
+        regions: region mode (:class:`~nsfw_safety.regions.RegionSettings`): the classifier
+            decides whether an image is flagged, the region detector where it is censored (it
+            runs on flagged images only). A flagged image in which no chosen region reaches its
+            threshold, or that the region detector could not check, is censored whole: never
+            passed. With ``detector=None``, region-only mode: an image is flagged when a chosen
+            region is found (and blacked out when the region detector could not check it).
     Raises:
         ValueError, TypeError: a bad rule or censor setting, when the filter is built.
     """
 
-    def __init__(self, detector: Detector, level: str = DEFAULT_LEVEL, threshold: float = DEFAULT_THRESHOLD, *,
-                 thresholds: Mapping[str, float] | None = None, action: str = DEFAULT_ACTION,
+    def __init__(self, detector: Detector | None, level: str = DEFAULT_LEVEL, threshold: float = DEFAULT_THRESHOLD,
+                 *, thresholds: Mapping[str, float] | None = None, action: str = DEFAULT_ACTION,
                  on_error: str = "block", blur_strength: float = DEFAULT_BLUR,
                  block: float = DEFAULT_BLOCK, color: Sequence[float] = (0.0, 0.0, 0.0),
-                 placeholder: Any = None, censoring: CensorSettings | None = None):
+                 placeholder: Any = None, censoring: CensorSettings | None = None,
+                 regions: RegionSettings | None = None):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if regions is not None and not isinstance(regions, RegionSettings):
+            raise TypeError(f"regions must be a RegionSettings or None, got {type(regions).__name__}")
+        if detector is None and regions is None:
+            raise TypeError("detector is None: give a detector, or regions= for region-only mode")
         self.detector = detector
+        #: Region mode's settings, or None.
+        self.regions = regions
         self.policy = Policy(level, threshold, thresholds)
         self.on_error = on_error
         #: How flagged images are censored (``censoring=`` replaces the separate arguments).
@@ -98,7 +123,8 @@ class SafetyFilter:
         return out
 
     def __repr__(self) -> str:
-        return f"SafetyFilter({self.detector!r}, rules={self.policy.rules}, censoring={self.censoring!r})"
+        regions = f", regions={self.regions!r}" if self.regions is not None else ""
+        return f"SafetyFilter({self.detector!r}, rules={self.policy.rules}, censoring={self.censoring!r}{regions})"
 
     def __call__(self, images: Any, *, value_range: _inputs.ValueRange = (0.0, 1.0),
                  layout: str | None = None, censored_range: _inputs.ValueRange | None = None,
@@ -120,32 +146,42 @@ class SafetyFilter:
         """
         if censored_range is not None:
             _inputs.check_range(censored_range)
-        prepared = _inputs.prepare(images, value_range=value_range, layout=layout, device=self.detector.device)
+        device = self.detector.device if self.detector is not None else self.regions.detector.device
+        prepared = _inputs.prepare(images, value_range=value_range, layout=layout, device=device)
         n = len(prepared)
-        if scores is not None and len(scores) != n:
-            raise ValueError(f"scores has {len(scores)} rows for {n} images")
+        if scores is not None and (self.detector is None or len(scores) != n):
+            raise ValueError(f"scores has {len(scores)} rows for {n} images" if self.detector is not None
+                             else "scores were given to a region-only filter, which has no classifier")
+        if self.detector is None:  # region-only: the regions decide
+            return self._with_regions(images, prepared, None, None, None, None, [False] * n, censored_range)
         try:
             if scores is None:
                 scores = self.detector.score(prepared.pixels, prepared.finite)
             verdict = self.policy.decide(scores)  # the one host read
             flagged, reasons, actions = verdict.flagged, verdict.reasons, verdict.actions(self.action)
+            failed = [p is not None for p in verdict.problems]
         except Exception as e:
             if self.on_error == "raise":
                 raise
             log.exception("scoring failed; blocking all %d images of the batch", n)
-            scores, flagged = None, [True] * n
+            scores, flagged, failed = None, [True] * n, [True] * n
             reasons, actions = [f"error: {type(e).__name__}: {e}"] * n, ["black"] * n
+        if self.regions is not None:
+            return self._with_regions(images, prepared, scores, flagged, reasons, actions, failed, censored_range)
         out = self._censor(prepared, actions, censored_range)
         return FilterResult(out, flagged, scores, reasons, actions)
 
-    def _censor(self, prepared: _inputs.Prepared, actions: list[str], censored_range) -> Any:
+    def _censor(self, prepared: _inputs.Prepared, actions: list[str], censored_range,
+                done: dict[int, torch.Tensor] | None = None, keep: dict[int, torch.Tensor] | None = None) -> Any:
         """Censor only the images whose action is not "none": batched per action, in chunks of
         at most ``CENSOR_CHUNK_BYTES`` of float pixels (at least one image), so that censoring
         holds at most one large image in float at a time. Censored images are kept in the
-        pixels' own dtype (uint8 for 8-bit input) until they are restored."""
-        done: dict[int, torch.Tensor] = {}
+        pixels' own dtype (uint8 for 8-bit input) until they are restored. Images already in
+        ``done`` (censored in their regions) are restored as they are, their pixels where
+        ``keep`` is True taken from the input."""
+        done = dict(done or {})
         for action in set(actions) - {"none"}:
-            index = [i for i, a in enumerate(actions) if a == action]
+            index = [i for i, a in enumerate(actions) if a == action and i not in done]
             for chunk in _chunks(prepared, index):
                 pixels = prepared.select(chunk)
                 if isinstance(pixels, torch.Tensor):
@@ -154,7 +190,81 @@ class SafetyFilter:
                     result = [self.censoring.apply(_rgba(p[None]), action)[0] for p in pixels]
                 done.update(zip(chunk, result))
         index = sorted(done)
-        return prepared.restore(index, [done[i] for i in index], censored_range)
+        kept = [keep.get(i) for i in index] if keep else None
+        return prepared.restore(index, [done[i] for i in index], censored_range, kept)
+
+    def _with_regions(self, images: Any, prepared: _inputs.Prepared, scores: Scores | None,
+                      flagged: list[bool] | None, reasons: list[str] | None, actions: list[str] | None,
+                      failed: list[bool], censored_range) -> FilterResult:
+        """Region mode: find the regions of the flagged images that were checked (of every image
+        without a classifier), censor inside their masks, and censor the rest of the flagged
+        images whole.
+
+        Host syncs beyond the classifier's one read, per chunk of such images: the region
+        detector's (its input handed to onnxruntime, and its NMS, whose shapes depend on the
+        data), the selection's (a boolean index), and one read of the selected boxes for the
+        result. Images that are passed never reach the region detector.
+        """
+        n = len(prepared)
+        region_only = flagged is None
+        if region_only:
+            flagged, reasons, actions = [False] * n, [""] * n, ["none"] * n
+        candidates = [i for i in range(n) if region_only or (flagged[i] and not failed[i])]
+        found: list[list[Region]] = [[] for _ in range(n)]
+        masks: dict[int, torch.Tensor] = {}
+        done: dict[int, torch.Tensor] = {}
+        for chunk in _chunks(prepared, candidates):
+            pixels = prepared.select(chunk)
+            groups = [(chunk, pixels)] if isinstance(pixels, torch.Tensor) else \
+                [([i], p[None]) for i, p in zip(chunk, pixels)]  # mixed sizes: one call per image
+            for index, batch in groups:
+                try:
+                    located = locate(self.regions, batch)
+                    rows, problems = located.per_image(), located.problems  # the host read of the boxes
+                except Exception as e:
+                    if self.on_error == "raise":
+                        raise
+                    log.exception("region detection failed; censoring %d flagged images whole", len(index))
+                    located, rows = None, [[] for _ in index]
+                    problems = (f"region detector failed: {type(e).__name__}: {e}",) * len(index)
+                boxed = []
+                for j, (i, row, problem) in enumerate(zip(index, rows, problems)):
+                    found[i] = row if not problem else []
+                    if region_only:
+                        flagged[i] = bool(row) or problem is not None
+                        actions[i] = "black" if problem else self.action if row else "none"
+                        reasons[i] = problem or (self._region_reason(row[0]) if row else
+                                                 f"no region of {self._classes} at or above threshold")
+                    elif problem:
+                        reasons[i] += f"; {problem}: censored whole"
+                    elif not row:
+                        reasons[i] += f"; no region of {self._classes} at or above threshold: censored whole"
+                    else:
+                        reasons[i] += "; regions: " + _summary(row)
+                    if row and not problem:
+                        boxed.append(j)
+                if not boxed:
+                    continue
+                chosen = located.take(boxed)
+                mask = region_mask(chosen, shape=self.regions.shape, feather=self.regions.feather)
+                masks.update(zip([index[j] for j in boxed], mask))
+                if self.action != "none":
+                    c = self.censoring
+                    out = censor_regions(_rgba(batch[boxed]), mask, self.action, regions=chosen,
+                                         blur_strength=c.blur_strength, block=c.block, color=c.color,
+                                         placeholder=c.placeholder)
+                    done.update(zip([index[j] for j in boxed], out))
+        keep = {i: m == 0 for i, m in masks.items() if i in done}
+        out = self._censor(prepared, actions, censored_range, done, keep)
+        return FilterResult(out, flagged, scores, reasons, actions, found, _masks(images, prepared, flagged, masks))
+
+    @property
+    def _classes(self) -> str:
+        c = self.regions.classes
+        return c if isinstance(c, str) else "/".join(c)
+
+    def _region_reason(self, region: Region) -> str:
+        return f"{region.label} {region.score:.2f} >= {self.regions.threshold_for(region.label):.2f}"
 
 
 #: Censoring works on at most this many bytes of float pixels at once (or one larger image).
@@ -174,6 +284,35 @@ def _chunks(prepared: _inputs.Prepared, index: list[int]) -> list[list[int]]:
         out[-1].append(i)
         total += size
     return out
+
+
+def _summary(row: list[Region], most: int = 3) -> str:
+    """``"BUTTOCKS_EXPOSED 0.83, FEMALE_BREAST_EXPOSED 0.61 (+2 more)"``."""
+    text = ", ".join(f"{r.label} {r.score:.2f}" for r in row[:most])
+    return text + (f" (+{len(row) - most} more)" if len(row) > most else "")
+
+
+def _masks(images: Any, prepared: _inputs.Prepared, flagged: list[bool],
+           masks: dict[int, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """The result's masks: ``masks`` for region-censored images, 1 over the other flagged ones, 0
+    over passed ones. (B, H, W) on the input's device, or a list of (H_i, W_i) for a list input."""
+    pixels = prepared.pixels
+    if isinstance(images, (list, tuple)) or isinstance(pixels, list):  # a list, or one large image kept apart
+        items = images if isinstance(images, (list, tuple)) else [images]
+        out = []
+        for i, item in enumerate(items):
+            m = masks.get(i)
+            if m is None:
+                m = torch.full(pixels[i].shape[-2:], float(flagged[i]), device=pixels[i].device)
+            out.append(m.to(item.device if isinstance(item, torch.Tensor) else "cpu"))
+        return out if isinstance(images, (list, tuple)) else torch.stack(out)
+    n, _, h, w = pixels.shape
+    out = torch.tensor(flagged, dtype=torch.float32).view(n, 1, 1).expand(n, h, w).to(pixels.device)
+    if masks:
+        out = out.clone()
+        index = sorted(masks)
+        out[index] = torch.stack([masks[i] for i in index])
+    return out.to(images.device if isinstance(images, torch.Tensor) else "cpu")
 
 
 def _rgba(x: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ class Prepared:
         return [self.pixels[i] for i in index]
 
     def restore(self, index: list[int], censored: torch.Tensor | list[torch.Tensor],
-                censored_range: ValueRange | None = None) -> Any:
+                censored_range: ValueRange | None = None, keep: list[torch.Tensor | None] | None = None) -> Any:
         """The caller's images, with images ``index`` replaced by ``censored``.
 
         Args:
@@ -95,12 +95,19 @@ class Prepared:
                 an image that has one; RGB keeps it.
             censored_range: value range to write the censored images in (float input only);
                 default: the input's own range.
+            keep: per image of ``index``, None or (H, W) bool: where the caller's own pixels
+                are kept exactly as they were (region censoring: outside the mask), which a
+                round trip through [0, 1] would not always do (float64, ranges other than
+                (0, 1), out-of-range values, gray). Used for tensors and arrays written back
+                in their own range; 8-bit PIL images round-trip exactly without it.
         Returns:
             The same kind, layout, dtype, value range and device as the input. The input is
             never modified: images are replaced in a copy, and with nothing to replace the
             input itself is returned.
         """
-        return self._restore(index, censored, censored_range)
+        if keep is None:
+            return self._restore(index, censored, censored_range)
+        return self._restore(index, censored, censored_range, keep)
 
 
 def prepare(images: Any, *, value_range: ValueRange = (0.0, 1.0), layout: str | None = None,
@@ -119,7 +126,7 @@ def prepare(images: Any, *, value_range: ValueRange = (0.0, 1.0), layout: str | 
         return _prepare_array(images, value_range, layout, device)
     if isinstance(images, (Image.Image, str, os.PathLike)):
         single = _prepare_list([images], value_range, layout, device)
-        return Prepared(single.pixels, single.finite, lambda i, c, r: single.restore(i, c, r)[0])
+        return Prepared(single.pixels, single.finite, lambda i, c, r, k=None: single.restore(i, c, r, k)[0])
     if isinstance(images, Sequence) and not isinstance(images, (bytes, str)):
         if len(images) == 0:
             raise ValueError("images is an empty list: expected at least one image")
@@ -295,7 +302,7 @@ def _prepare_array(images, value_range, layout, device) -> Prepared:
     else:  # checked before _to_unit, whose clamp turns +-Inf into 1 and 0
         finite, pixels = torch.isfinite(moved).flatten(1).all(1), _to_unit(moved, value_range)
 
-    def restore(index, censored, censored_range):
+    def restore(index, censored, censored_range, keep=None):
         if not index:
             return images
         if isinstance(censored, list):
@@ -303,6 +310,10 @@ def _prepare_array(images, value_range, layout, device) -> Prepared:
         rng = check_range(censored_range) if censored_range is not None else value_range
         idx = torch.tensor(index, device=raw.device)
         y = _encode(_from_rgb(censored.to(raw.device), raw[idx]), raw.dtype, rng)
+        if keep is not None and rng == value_range:
+            none = torch.zeros(raw.shape[-2:], dtype=torch.bool, device=raw.device)
+            kept = torch.stack([none if k is None else k.to(raw.device) for k in keep])[:, None]
+            y = torch.where(kept, raw[idx], y)
         out = raw.clone()
         out[idx] = y
         if lay.endswith("HWC"):
@@ -567,13 +578,13 @@ def _prepare_list(items: list, value_range, layout, device) -> Prepared:
     restorers = [None if isinstance(o, Image.Image) else p.restore for o, p in zip(originals, parts)]
     del parts, one
 
-    def restore(index, censored, censored_range):
+    def restore(index, censored, censored_range, keep=None):
         out = list(originals)
-        for i, c in zip(index, censored):
+        for j, (i, c) in enumerate(zip(index, censored)):
             if restorers[i] is None:
                 out[i] = tensor_to_pil(c, originals[i])
             else:
-                out[i] = restorers[i]([0], c[None], censored_range)
+                out[i] = restorers[i]([0], c[None], censored_range, None if keep is None else [keep[j]])
         return out
 
     return Prepared(pixels, finite, restore)

@@ -66,6 +66,9 @@ from .filter import SafetyFilter
 from .inputs import ImageTooLarge, MultiFrameImage, open_image, plain
 from .censor import HIDING_ACTIONS
 from .levels import DEFAULT_LEVEL, DEFAULT_THRESHOLD, NSFW_LEVELS, Policy, check_threshold, level_index
+from .regions.detector import MIN_SCORE, NUDENET_LABELS, _class_indices, _per_class
+from .regions.mask import SHAPES
+from .regions.settings import RegionSettings, parse_classes, parse_per_class
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,13 @@ class Settings:
         header_timeout: seconds a connection has to send its request headers.
         body_timeout: seconds a request has to send its body, once its headers are in.
         max_connections: most open connections and requests; beyond it uvicorn answers 503.
+        regions: region mode, off when None: the region classes (a set such as ``"exposed"`` or
+            ``"faces"``, or class names). Flagged images are then censored in their regions only
+            (whole when none is found), and every result lists the regions of a flagged image.
+        region_model: the region detector's ``.onnx`` file (None: the installed nudenet model).
+        region_threshold, region_expand: one number, or a mapping class -> number (see
+            :class:`~nsfw_safety.regions.RegionSettings`).
+        region_shape, region_feather: the mask's shape and soft edge.
     """
 
     model: str = "eva"
@@ -137,6 +147,12 @@ class Settings:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     max_connections: int = 64
+    regions: str | tuple[str, ...] | None = None
+    region_model: str | None = None
+    region_threshold: float | Mapping[str, float] = MIN_SCORE
+    region_expand: float | Mapping[str, float] = 0.0
+    region_shape: str = "rectangle"
+    region_feather: float = 0.0
 
     def __post_init__(self) -> None:
         level_index(self.level)
@@ -183,6 +199,26 @@ class Settings:
         if not types or unknown:
             raise ValueError(f"content_types must be a non-empty subset of {tuple(FORMATS)}, got {types!r}")
         object.__setattr__(self, "content_types", types)
+        self._check_regions()
+
+    def _check_regions(self) -> None:
+        """What can be checked without loading the region model (which checks the rest)."""
+        if self.region_shape not in SHAPES:
+            raise ValueError(f"region_shape must be one of {SHAPES}, got {self.region_shape!r}")
+        if not (isinstance(self.region_feather, (int, float)) and 0 <= self.region_feather <= 1):
+            raise ValueError(f"region_feather must be in [0, 1], got {self.region_feather!r}")
+        if self.regions is None or self.region_model is not None:
+            return  # a model of the user's own has its own class names
+        chosen = _class_indices(self.regions, NUDENET_LABELS)
+        for name, bounds in (("region_threshold", (0.0, 1.0)), ("region_expand", (0.0, 10.0))):
+            _per_class(getattr(self, name), name, chosen, NUDENET_LABELS, 0.0, bounds)
+
+    def region_settings(self) -> RegionSettings | None:
+        """The region settings (the region model loaded), or None when region mode is off."""
+        if self.regions is None:
+            return None
+        return RegionSettings(self.region_model, self.regions, self.region_threshold, self.region_expand,
+                              self.region_shape, self.region_feather)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> "Settings":
@@ -233,12 +269,17 @@ ENV = {
     "max_pixels_in_flight": "NSFW_SAFETY_MAX_PIXELS_IN_FLIGHT", "busy_timeout": "NSFW_SAFETY_BUSY_TIMEOUT",
     "max_files": "NSFW_SAFETY_MAX_FILES", "content_types": "NSFW_SAFETY_CONTENT_TYPES",
     "header_timeout": "NSFW_SAFETY_HEADER_TIMEOUT", "body_timeout": "NSFW_SAFETY_BODY_TIMEOUT",
-    "max_connections": "NSFW_SAFETY_MAX_CONNECTIONS",
+    "max_connections": "NSFW_SAFETY_MAX_CONNECTIONS", "regions": "NSFW_SAFETY_REGIONS",
+    "region_model": "NSFW_SAFETY_REGION_MODEL", "region_threshold": "NSFW_SAFETY_REGION_THRESHOLD",
+    "region_expand": "NSFW_SAFETY_REGION_EXPAND", "region_shape": "NSFW_SAFETY_REGION_SHAPE",
+    "region_feather": "NSFW_SAFETY_REGION_FEATHER",
 }
 _PARSE = {"threshold": float, "max_wait_ms": float, "max_batch_size": int, "max_upload_bytes": int,
           "max_pixels": int, "max_pixels_in_flight": int, "busy_timeout": float, "max_files": int,
           "content_types": _split, "lock_policy": _bool, "header_timeout": float, "body_timeout": float,
-          "max_connections": int, "band": _band}
+          "max_connections": int, "band": _band, "regions": parse_classes,
+          "region_threshold": lambda raw: parse_per_class(raw, "region_threshold"),
+          "region_expand": lambda raw: parse_per_class(raw, "region_expand"), "region_feather": float}
 
 
 class ServiceError(HTTPException):
@@ -442,13 +483,15 @@ class _Job:
 @dataclass(frozen=True)
 class Outcome:
     """One image's answer: the decision, its reason, its scores (a ``Scores.to_dicts`` row), the
-    censoring applied ("none" when passed or not asked for) and the censored image (else None)."""
+    censoring applied ("none" when passed or not asked for), the censored image (else None) and,
+    in region mode, the regions censored (else None)."""
 
     flagged: bool
     reason: str
     scores: dict[str, Any]
     action: str
     image: Image.Image | None
+    regions: list[dict[str, Any]] | None = None
 
 
 class Batcher:
@@ -464,8 +507,10 @@ class Batcher:
         sizes: how many batches of each size were scored.
     """
 
-    def __init__(self, detector: Detector, max_batch_size: int, max_wait_ms: float):
+    def __init__(self, detector: Detector, max_batch_size: int, max_wait_ms: float,
+                 regions: RegionSettings | None = None):
         self.detector = detector
+        self.regions = regions
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.sizes: collections.Counter[int] = collections.Counter()
@@ -546,7 +591,7 @@ class Batcher:
                 job.future.set_result(outcome)
 
     def _make_filter(self, level: str, threshold: float, action: str) -> SafetyFilter:
-        return SafetyFilter(self.detector, level, threshold, action=action)
+        return SafetyFilter(self.detector, level, threshold, action=action, regions=self.regions)
 
     def _score(self, batch: list[_Job]) -> list[Outcome]:
         """Runs in the worker thread: one detector call for the whole batch."""
@@ -560,17 +605,22 @@ class Batcher:
         out: list[Outcome | None] = [None] * len(batch)
         for (policy, action), index in groups.items():
             sub = scores[index]
-            if action is None:  # scores only: the policy alone, no pixels to copy back
+            found = [None] * len(index)
+            if action is None and self.regions is None:  # scores only: the policy alone, no pixels to copy back
                 verdict = policy.decide(sub)
                 flagged, reasons = verdict.flagged, verdict.reasons
                 actions, images = ["none"] * len(index), [None] * len(index)
-            else:
-                guard = self._filter(policy.level, policy.threshold, action)
+            else:  # censoring, or the regions of the flagged images (without ?censor=: found, not applied)
+                guard = self._filter(policy.level, policy.threshold, action or "none")
                 result = guard([batch[i].upload.image for i in index], scores=sub)
                 flagged, reasons, actions = result.flagged, result.reasons, result.actions
+                if action is None:
+                    actions = ["none"] * len(index)
                 images = [im if a != "none" else None for im, a in zip(result.images, actions)]
-            for i, f, r, a, im in zip(index, flagged, reasons, actions, images):
-                out[i] = Outcome(f, r, rows[i], a, im)
+                if result.regions is not None:
+                    found = [[r.to_dict() for r in row] for row in result.regions]
+            for i, f, r, a, im, rg in zip(index, flagged, reasons, actions, images, found):
+                out[i] = Outcome(f, r, rows[i], a, im, rg)
         log.debug("scored a batch of %d in %.1f ms", len(batch), 1000 * (time.perf_counter() - start))
         return out
 
@@ -668,6 +718,12 @@ class Part(BaseModel):
     problem: str | None = Field(description="why this model's scores are invalid, e.g. non-finite model output")
 
 
+class RegionBox(BaseModel):
+    label: str = Field(description="the region detector's class, e.g. BUTTOCKS_EXPOSED or FACE_FEMALE")
+    score: float
+    box: list[float] = Field(description="x1, y1, x2, y2 in the image's pixels")
+
+
 class Result(BaseModel):
     category: Literal["safe", "nsfw"] = Field(description="nsfw when flagged at the level and threshold")
     flagged: bool
@@ -682,6 +738,9 @@ class Result(BaseModel):
     filename: str
     width: int
     height: int
+    regions: list[RegionBox] | None = Field(None, description="region mode only (else null): the regions of a "
+                                                              "flagged image that are censored (empty when it is "
+                                                              "censored whole, or passed)")
 
 
 class BatchItem(Result):
@@ -724,16 +783,18 @@ class Answer:
 class Service:
     """The app's state: settings, the detector (once loaded), the batcher and the pixel budget."""
 
-    def __init__(self, settings: Settings, detector: Detector | None):
+    def __init__(self, settings: Settings, detector: Detector | None, regions: RegionSettings | None = None):
         self.settings = settings
         self.detector = detector
+        #: region mode's settings once loaded (None when off)
+        self.regions = regions
         self.error: str | None = None
         self.batcher: Batcher | None = None
         self.budget = PixelBudget(settings.max_pixels_in_flight)
         self._loading: asyncio.Task | None = None
 
     async def start(self) -> None:
-        if self.detector is not None:
+        if self.detector is not None and (self.regions is not None or self.settings.regions is None):
             self._ready(self.detector)
         else:
             self._loading = asyncio.get_running_loop().create_task(self._load())
@@ -755,17 +816,20 @@ class Service:
             return second_opinion(detector, s.second_opinion, band=s.band, level=s.level, threshold=s.threshold,
                                   combine=s.combine or "override", dtype=s.dtype, max_batch_size=s.max_batch_size)
 
+        loop = asyncio.get_running_loop()
         try:
-            detector = await asyncio.get_running_loop().run_in_executor(None, load)
+            detector = self.detector or await loop.run_in_executor(None, load)
+            if self.regions is None and s.regions is not None:
+                self.regions = await loop.run_in_executor(None, s.region_settings)
         except Exception as e:  # noqa: BLE001 -- reported by /ready and /health, and every request 503s
-            log.exception("could not load model %r", s.model)
+            log.exception("could not load model %r", s.model if self.detector is None else s.region_model)
             self.error = f"{type(e).__name__}: {e}"
             return
         self._ready(detector)
 
     def _ready(self, detector: Detector) -> None:
         self.detector = detector
-        self.batcher = Batcher(detector, self.settings.max_batch_size, self.settings.max_wait_ms)
+        self.batcher = Batcher(detector, self.settings.max_batch_size, self.settings.max_wait_ms, self.regions)
         log.info("ready: %r, batches of up to %d, max wait %g ms", detector,
                  self.settings.max_batch_size, self.settings.max_wait_ms)
 
@@ -828,7 +892,8 @@ class Service:
                 "reason": outcome.reason, "level": policy.level, "threshold": policy.threshold,
                 "levels": outcome.scores["levels"], "probs": outcome.scores["probs"],
                 "model": {"id": self.detector.model_id, "revision": self.detector.revision}, **parts,
-                "filename": upload.name, "width": upload.image.width, "height": upload.image.height}
+                "filename": upload.name, "width": upload.image.width, "height": upload.image.height,
+                "regions": outcome.regions}
 
 
 def _label(file: UploadFile, field_name: str) -> str:
@@ -877,7 +942,8 @@ class _BodyGuard:
         await self.app(scope, guarded, send)
 
 
-def create_app(settings: Settings | None = None, *, detector: Detector | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, detector: Detector | None = None,
+               regions: RegionSettings | None = None) -> FastAPI:
     """The FastAPI app.
 
     Args:
@@ -885,9 +951,12 @@ def create_app(settings: Settings | None = None, *, detector: Detector | None = 
         detector: an already loaded detector to serve (``settings.model`` and friends are then
             ignored); by default the model is loaded in a thread when the app starts, and
             ``/ready`` turns true once it is.
+        regions: region mode's settings, already loaded (``settings.regions`` and the other
+            ``region_*`` settings are then ignored); by default they are built from ``settings``
+            when the app starts, with the model.
     """
     settings = settings or Settings()
-    service = Service(settings, detector)
+    service = Service(settings, detector, regions)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -984,6 +1053,7 @@ def create_app(settings: Settings | None = None, *, detector: Detector | None = 
             "settings": {"level": settings.level, "threshold": settings.threshold,
                          "lock_policy": settings.lock_policy, "api_key": settings.api_key is not None,
                          "max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms},
+            "regions": service.regions.to_dict() if service.regions is not None else None,
             "queued": batcher.queued if batcher else 0,
             "pixels_in_flight": {"used": service.budget.used, "limit": service.budget.limit},
             "batches": {"count": sum(sizes.values()), "images": sum(k * v for k, v in sizes.items()),
@@ -1023,6 +1093,7 @@ def _headers(result: dict[str, Any], action: str) -> dict[str, str]:
         "X-NSFW-Levels": json.dumps(result["levels"]), "X-NSFW-Probs": json.dumps(result["probs"]),
         "X-NSFW-Model": json.dumps(result["model"]["id"])[1:-1],
         "X-NSFW-Revision": result["model"]["revision"] or "",
+        **({"X-NSFW-Regions": str(len(result["regions"]))} if result.get("regions") is not None else {}),
     }
 
 
@@ -1125,6 +1196,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--header-timeout", "header_timeout", "seconds a connection has to send its request headers", type=float)
     flag("--body-timeout", "body_timeout", "seconds a request has to send its body", type=float)
     flag("--max-connections", "max_connections", "most open connections; beyond it new requests get 503", type=int)
+    flag("--regions", "regions", "region mode: censor only these region classes of a flagged image (exposed, faces, "
+                                 "all, or CLASS,CLASS,...); needs nsfw-safety[regions] (NudeNet: AGPL-3.0)",
+         shown="off", type=parse_classes, metavar="CLASSES")
+    flag("--region-model", "region_model", "the region detector's .onnx file (default: the nudenet package's)")
+    flag("--region-threshold", "region_threshold", "a region's minimum score: one number, or CLASS=NUMBER,...",
+         type=lambda raw: parse_per_class(raw, "region_threshold"))
+    flag("--region-expand", "region_expand", "grow each box by this fraction: one number, or CLASS=NUMBER,...",
+         type=lambda raw: parse_per_class(raw, "region_expand"))
+    flag("--region-shape", "region_shape", "the mask's shape", choices=SHAPES)
+    flag("--region-feather", "region_feather", "the mask's soft edge, a fraction of the box's longer side", type=float)
     parser.add_argument("--host", default=None, help="address to listen on [env NSFW_SAFETY_HOST; default 127.0.0.1]")
     parser.add_argument("--port", default=None, type=int, help="port [env NSFW_SAFETY_PORT; default 8000]")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),

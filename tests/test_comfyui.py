@@ -28,9 +28,10 @@ from nsfw_safety import (  # noqa: E402
     ACTIONS, NSFW_LEVELS, REGISTRY, Detector, ModelSpec, SafetyFilter, load_detector, register,
 )
 from nsfw_safety.censor import default_card, place  # noqa: E402
+from nsfw_safety.regions import CLASS_SETS, SHAPES, RegionDetector  # noqa: E402
 
 PYTHON_KINDS = {"IMAGE": torch.Tensor, "MASK": torch.Tensor, "BOOLEAN": bool, "FLOAT": float, "STRING": str,
-                "NSFW_DETECTOR": Detector}
+                "NSFW_DETECTOR": Detector, "NSFW_REGION_DETECTOR": RegionDetector}
 
 
 @pytest.fixture
@@ -82,7 +83,7 @@ def test_classic_schema():
                 assert kind and all(isinstance(c, str) for c in kind)
                 assert options.get("default", kind[0]) in kind, name
             else:
-                assert kind in ("IMAGE", "FLOAT", "INT", "BOOLEAN", "NSFW_DETECTOR"), name
+                assert kind in ("IMAGE", "FLOAT", "INT", "BOOLEAN", "NSFW_DETECTOR", "NSFW_REGION_DETECTOR"), name
             if kind in ("FLOAT", "INT"):
                 assert options["min"] <= options["default"] <= options["max"]
     assert NODE_CLASS_MAPPINGS["NSFWDetectorLoader"].RETURN_TYPES == ("NSFW_DETECTOR",)
@@ -134,7 +135,7 @@ def test_choices_and_defaults_come_from_the_core(models_dir):
     # and no vocabulary of the core is spelled out in the pack (only derived)
     for file in (ROOT / "comfyui_node").glob("*.py"):
         text = file.read_text()
-        for word in {*ACTIONS, *NSFW_LEVELS, *REGISTRY}:
+        for word in {*ACTIONS, *NSFW_LEVELS, *REGISTRY, *CLASS_SETS, *SHAPES}:
             assert f'"{word}"' not in text and f"'{word}'" not in text, (file.name, word)
 
 
@@ -442,7 +443,7 @@ def import_like_comfyui(path: Path) -> types.ModuleType:
 def test_root_package_registers_the_nodes():
     pack = import_like_comfyui(ROOT)
     assert set(pack.NODE_CLASS_MAPPINGS) == {"NSFWDetectorLoader", "NSFWSafetyFilter", "NSFWSafetySwitch",
-                                             "NSFWSecondOpinion"}
+                                             "NSFWSecondOpinion", "NSFWRegionDetectorLoader", "NSFWRegionFilter"}
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["NSFWSafetyFilter"] == "NSFW Safety Filter"
     assert not hasattr(pack, "comfy_entrypoint")  # V1 wins in ComfyUI anyway
 
@@ -466,7 +467,8 @@ print(sorted(module.NODE_CLASS_MAPPINGS), nsfw_safety.__file__)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr
-    assert "['NSFWDetectorLoader', 'NSFWSafetyFilter', 'NSFWSafetySwitch', 'NSFWSecondOpinion']" in result.stdout
+    assert ("['NSFWDetectorLoader', 'NSFWRegionDetectorLoader', 'NSFWRegionFilter', 'NSFWSafetyFilter', "
+            "'NSFWSafetySwitch', 'NSFWSecondOpinion']") in result.stdout
     assert str(pack / "nsfw_safety") in result.stdout
 
 
@@ -601,16 +603,20 @@ def test_v3_first_where_comfyui_provides_the_pinned_api(models_dir, monkeypatch)
 EXAMPLES = ROOT / "examples" / "comfyui"
 #: (API file, UI file) of each example: the same graph in both formats
 WORKFLOWS = {"filter": ("nsfw_safety_api.json", "nsfw_safety_workflow.json"),
-             "txt2img": ("txt2img_safety_api.json", "txt2img_safety_workflow.json")}
+             "txt2img": ("txt2img_safety_api.json", "txt2img_safety_workflow.json"),
+             "regions": ("nsfw_safety_regions_inpaint_api.json", "nsfw_safety_regions_inpaint_workflow.json")}
 # the sockets of the ComfyUI core nodes used by the examples (as ComfyUI declares them)
 CORE_OUTPUTS = {"LoadImage": ("IMAGE", "MASK"), "MaskToImage": ("IMAGE",), "SaveImage": (), "PreviewImage": (),
                 "CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"), "CLIPTextEncode": ("CONDITIONING",),
-                "EmptyLatentImage": ("LATENT",), "KSampler": ("LATENT",), "VAEDecode": ("IMAGE",)}
+                "EmptyLatentImage": ("LATENT",), "KSampler": ("LATENT",), "VAEDecode": ("IMAGE",),
+                "VAEEncodeForInpaint": ("LATENT",), "ImageCompositeMasked": ("IMAGE",)}
 CORE_INPUTS = {"LoadImage": {}, "MaskToImage": {"mask": "MASK"}, "SaveImage": {"images": "IMAGE"},
                "PreviewImage": {"images": "IMAGE"}, "CheckpointLoaderSimple": {}, "CLIPTextEncode": {"clip": "CLIP"},
                "EmptyLatentImage": {}, "VAEDecode": {"samples": "LATENT", "vae": "VAE"},
                "KSampler": {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
-                            "latent_image": "LATENT"}}
+                            "latent_image": "LATENT"},
+               "VAEEncodeForInpaint": {"pixels": "IMAGE", "vae": "VAE", "mask": "MASK"},
+               "ImageCompositeMasked": {"destination": "IMAGE", "source": "IMAGE", "mask": "MASK"}}
 
 
 def input_spec(class_type: str) -> dict:
@@ -664,6 +670,22 @@ def test_the_examples_put_the_filter_before_every_save():
     assert prompt[guard]["inputs"]["images"] == [decode, 0] and prompt[guard]["inputs"]["stop_on_flag"] is False
     saves = [v for v in prompt.values() if v["class_type"] == "SaveImage"]
     assert saves and all(save["inputs"]["images"] == [guard, 0] for save in saves)
+
+
+def test_the_example_workflows_are_wired_as_described():
+    plain = json.loads((EXAMPLES / "nsfw_safety_api.json").read_text())
+    assert plain["3"]["inputs"]["images"] == ["1", 0] and plain["4"]["inputs"]["images"] == ["3", 0]
+    inpaint = json.loads((EXAMPLES / "nsfw_safety_regions_inpaint_api.json").read_text())
+    kinds = {k: n["class_type"] for k, n in inpaint.items()}
+    region = next(k for k, c in kinds.items() if c == "NSFWRegionFilter")
+    encode = next(n for n in inpaint.values() if n["class_type"] == "VAEEncodeForInpaint")
+    paste = next(n for n in inpaint.values() if n["class_type"] == "ImageCompositeMasked")
+    # the censored image and its region mask go to the inpaint; the repaint is pasted inside the mask only
+    assert encode["inputs"]["pixels"] == [region, 0] and encode["inputs"]["mask"] == [region, 4]
+    assert paste["inputs"]["destination"] == [region, 0] and paste["inputs"]["mask"] == [region, 4]
+    # and the repainted image is checked again before it is saved
+    save = next(n for n in inpaint.values() if n["class_type"] == "SaveImage")
+    assert kinds[save["inputs"]["images"][0]] == "NSFWSafetyFilter"
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)

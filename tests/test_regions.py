@@ -420,8 +420,29 @@ def test_censor_regions_keeps_dtype_and_names_bad_input(batch):
     assert censor_regions(x, mask, "none") is x
     with pytest.raises(ValueError, match="mask must be"):
         censor_regions(x, mask[:1], "blur")
-    with pytest.raises(TypeError, match="float tensor"):
-        censor_regions((x * 255).byte(), mask, "blur")
+    with pytest.raises(TypeError, match="float or uint8 tensor"):
+        censor_regions((x * 255).int(), mask, "blur")
+    with pytest.raises(TypeError, match="float or uint8 tensor"):
+        censor_regions(x[:, :2], mask, "blur")
+
+
+@pytest.mark.parametrize("action", ["blur", "pixelate", "black", "placeholder"])
+def test_uint8_and_rgba_are_censored_inside_the_mask_only(batch, action):
+    x, found = batch
+    u8 = torch.cat([(x * 255).round().byte(), torch.full((2, 1, 64, 80), 128, dtype=torch.uint8)], 1)  # RGBA
+    mask = region_mask(found, feather=0.1)
+    out = censor_regions(u8, mask, action, regions=found)
+    assert out.dtype == torch.uint8 and out.shape == u8.shape
+    outside, inside = (mask == 0)[:, None].expand_as(u8), (mask == 1)[:, None].expand_as(u8)
+    assert torch.equal(out[outside], u8[outside])
+    if action != "placeholder":
+        assert torch.equal(out[inside], censor(u8, action)[inside])  # lerp to 1 is the censored value
+    if action in ("black", "placeholder"):
+        assert torch.all(out[:, 3][mask == 1] == 255)  # opaque where censored
+    soft = (mask > 0) & (mask < 1)
+    want = torch.lerp(u8.float(), censor(u8, "black").float(), mask[:, None]).round()
+    if action == "black":
+        assert torch.equal(out.float()[soft[:, None].expand_as(u8)], want[soft[:, None].expand_as(u8)])
     with pytest.raises(ValueError, match="action must be one of"):
         censor_regions(x, mask, "smudge")
 

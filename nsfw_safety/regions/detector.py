@@ -65,6 +65,10 @@ class Region:
     score: float
     box: tuple[float, float, float, float]
 
+    def to_dict(self) -> dict:
+        """JSON-friendly: ``{"label": ..., "score": ..., "box": [x1, y1, x2, y2]}``."""
+        return {"label": self.label, "score": self.score, "box": list(self.box)}
+
 
 @dataclass(frozen=True)
 class Regions:
@@ -129,6 +133,15 @@ class Regions:
         boxes = torch.stack([x1.clamp(0, W), y1.clamp(0, H), x2.clamp(0, W), y2.clamp(0, H)], 1)
         return Regions(boxes, self.scores[keep], self.classes[keep], self.image[keep], self.size,
                        self.problems, self.labels)
+
+    def take(self, index: Sequence[int]) -> Regions:
+        """The regions of images ``index`` (ascending), as a batch of ``len(index)`` images."""
+        where = torch.full((len(self),), -1, dtype=torch.long)
+        where[list(index)] = torch.arange(len(index))
+        image = where.to(self.image.device)[self.image]
+        keep = image >= 0
+        return Regions(self.boxes[keep], self.scores[keep], self.classes[keep], image[keep], self.size,
+                       tuple(self.problems[i] for i in index), self.labels)
 
 
 def _class_indices(classes: str | Iterable[str], labels: Sequence[str]) -> list[int]:

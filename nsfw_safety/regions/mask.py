@@ -92,20 +92,25 @@ def censor_regions(x: torch.Tensor, mask: torch.Tensor, action: str, *, regions:
     blur, pixelate and black are the whole-image kernels (strengths relative to the image, so a
     small box is hidden at least as well as the whole picture), blended in by the mask. The
     placeholder card is scaled into each box of ``regions`` on a fill of the card's background
-    colour (an image with a ``problems`` entry gets the card over the whole image).
+    colour (an image with a ``problems`` entry gets the card over the whole image). Alpha is
+    censored inside the mask as the whole-image kernels censor it (blurred or pixelated; opaque
+    under black and the card).
 
     Args:
-        x: (N, 3, H, W) float in [0, 1].
+        x: (N, C, H, W), C = 3 (RGB) or 4 (RGBA, straight alpha), float in [0, 1] or uint8 in
+            [0, 255] (blended in float one image at a time, so uint8 input costs one image's
+            float copies).
         mask: (N, H, W) float in [0, 1], e.g. from :func:`region_mask` (NaN counts as 1).
         action: ``"blur"``, ``"pixelate"``, ``"black"``, ``"placeholder"`` or ``"none"``.
         regions: the boxes the mask was made from; required for ``"placeholder"``.
         blur_strength, block, color, placeholder: as for ``nsfw_safety.censor.censor``.
     Returns:
-        (N, 3, H, W), same dtype and device as ``x``; bit for bit ``x`` where ``mask == 0``.
+        (N, C, H, W), same dtype and device as ``x``; bit for bit ``x`` where ``mask == 0``.
     """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4 or x.shape[1] != 3:
-        raise TypeError(f"x must be a float tensor (N, 3, H, W), got {getattr(x, 'dtype', type(x).__name__)} "
-                        f"{tuple(getattr(x, 'shape', ()))}")
+    if (not isinstance(x, torch.Tensor) or not (x.is_floating_point() or x.dtype == torch.uint8) or x.dim() != 4
+            or x.shape[1] not in (3, 4)):
+        raise TypeError(f"x must be a float or uint8 tensor (N, 3 or 4, H, W), got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
     N, _, H, W = x.shape
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (N, H, W):
         raise ValueError(f"mask must be a tensor of shape {(N, H, W)}, got {tuple(getattr(mask, 'shape', ()))}")
@@ -119,7 +124,13 @@ def censor_regions(x: torch.Tensor, mask: torch.Tensor, action: str, *, regions:
     else:
         censored = censor(x, action, blur_strength=blur_strength, block=block, color=color)
     m = mask.to(x.device).nan_to_num(1.0).clamp(0, 1)[:, None]  # a NaN in a mask censors, never passes
-    return torch.where(m > 0, torch.lerp(x, censored, m.to(x.dtype)), x)
+    if x.is_floating_point():
+        return torch.where(m > 0, torch.lerp(x, censored, m.to(x.dtype)), x)
+    out = torch.empty_like(x)
+    for i in range(N):  # lerp(a, b, 1) is b exactly, so a hard mask gives the censored pixels as they are
+        blend = torch.lerp(x[i].float(), censored[i].float(), m[i]).round_().to(torch.uint8)
+        out[i] = torch.where(m[i] > 0, blend, x[i])
+    return out
 
 
 def _cards(x: torch.Tensor, regions: Regions, card: torch.Tensor) -> torch.Tensor:
