@@ -95,8 +95,9 @@ class PreprocessConfig:
         return cls((size["height"], size["width"]), "squash", resample, mean, std, 1.0)
 
 
-#: Float working memory of one band of a resize pass, per image: its input and output lines.
-BAND_BYTES = 2 << 20
+#: Float working memory of one band of a resize pass, per image: its output lines, and its input
+#: lines where they need converting (not float32 already).
+BAND_BYTES = 1 << 20
 #: Largest uint8 image between the two passes, per image, before the other order is taken.
 MAX_INTERMEDIATE = 8 << 20
 #: Widest filter (input pixels either side of an output) left to torch's antialiased kernels: the
@@ -184,7 +185,7 @@ def _resample(x: torch.Tensor, dim: int, axis: _Axis, interpolation: Interpolati
     # the resized dim last: torch's height pass is wrong on one-pixel-wide images (CPU, 2.x), and
     # its width pass on the transposed view gives the same bits
     x, dst = x.movedim(dim, -1), out.movedim(dim, -1)  # (N, C, lines, size), (N, C, lines, kept)
-    line = 4 * x.shape[-3] * (axis.size + axis.out)  # float bytes of one line, in and out, per image
+    line = 4 * x.shape[-3] * (axis.out + (axis.size if x.dtype != torch.float32 else 0))  # per image
     if line > BAND_BYTES or _support(axis, interpolation) > MAX_SUPPORT:
         _resample_long(x, axis, interpolation, dst, bad)
         return out
@@ -261,8 +262,8 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def _snap_(x: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
     """Clamp and round ``x`` (N, ...) to the uint8 grid in [0, 255], in place, as a uint8 PIL
     image would; images with a non-finite value are marked in ``bad``."""
-    if bad is not None:
-        bad |= ~torch.isfinite(x).reshape(len(x), -1).all(1)
+    if bad is not None:  # a sum is NaN or infinite with any of its terms, and costs one pass
+        bad |= ~x.sum(dim=tuple(range(1, x.dim()))).isfinite()
     return x.clamp_(0.0, 1.0).mul_(255.0).round_()
 
 

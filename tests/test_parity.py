@@ -6,6 +6,9 @@ transformers model. Checkpoints have scaled heads so probabilities spread over (
 
 Bounds (fp32): max |level difference| <= 0.01 and the same decision at 0.5 for every image not
 within 0.01 of it. bf16: the measured bound is asserted at BF16_BOUND and documented.
+
+Pixel level: each route of the resize (bands of lines, the windowed filter, the pass order)
+against PIL's own passes, and bands against the whole-image resize they replaced, bit for bit.
 """
 
 import math
