@@ -4,14 +4,12 @@ region mask an inpainting node takes. Real NudeNet model, tiny forced classifier
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 from region_images import astronaut, wheel_scene
-from test_comfyui import ROOT, _fake_comfy_api, import_like_comfyui, load, models_dir  # noqa: F401 (a fixture)
+from test_comfyui import _fake_comfy_api, load, models_dir  # noqa: F401 (a fixture)
 
 from comfyui_node import nodes, region_models, schema
 from nsfw_safety.regions import RegionDetector
@@ -145,12 +143,9 @@ def test_optional_inputs_in_both_apis(models_dir, monkeypatch):
     sockets = schema.v3(_fake_comfy_api().io, node).define_schema().inputs
     assert [s.kwargs for s in sockets] == [{}, {"optional": True, "default": 1.0}]
     # the V3 region filter runs without its optional classifier
-    monkeypatch.setitem(sys.modules, "comfy_api", types.ModuleType("comfy_api"))
-    monkeypatch.setitem(sys.modules, "comfy_api.latest", _fake_comfy_api())
-    monkeypatch.setenv("NSFW_SAFETY_NODE_API", "v3")
-    v3 = import_like_comfyui(ROOT)._v3
-    (det,) = v3.NODE_CLASSES["NSFWRegionDetectorLoader"].execute(model=DEFAULT)
-    out = v3.NODE_CLASSES["NSFWRegionFilter"].execute(
+    v3 = {n.node_id: schema.v3(_fake_comfy_api().io, n) for n in nodes.NODES}
+    (det,) = v3["NSFWRegionDetectorLoader"].execute(model=DEFAULT)
+    out = v3["NSFWRegionFilter"].execute(
         images=comfy(wheel_scene()), region_detector=det, classes="exposed", region_threshold=0.25, expand=0.0,
         shape="rectangle", feather=0.0, action="black")
     assert len(out) == 5 and out[1] is True and 0.1 < out[4].mean() < 0.3

@@ -260,6 +260,7 @@ def test_a_pipeline_without_a_seam_is_refused_with_the_reason(eva_dir):
     assert out.shape == (BATCH, 3, SIZE, SIZE)
     with pytest.raises(TypeError) as error:
         attach(pipe, model=str(eva_dir), device="cpu")
-    assert str(error.value).startswith("cannot attach to KandinskyV22Pipeline: it has neither a safety_checker")
+    assert str(error.value).startswith("cannot attach to KandinskyV22Pipeline: it has no safety_checker that returns "
+                                       "(images, flags), no VideoProcessor at pipe.video_processor")
     assert "it turns the output of pipe.movq into images itself" in str(error.value)
     assert "nsfw_safety" not in vars(pipe) and "maybe_free_model_hooks" not in vars(pipe)  # left as it was
