@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import datetime
 import importlib.util
-import json
 import logging
 import os
 import statistics
@@ -33,6 +32,7 @@ import torch
 from nsfw_safety import Cascade, Ensemble, load_detector
 
 from .measure import sync
+from .report import write
 
 log = logging.getLogger("benchmarks.cascade")
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,11 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta["load_average_end"] = list(os.getloadavg())
     result = {"meta": meta, "rows": rows}
     stem = f"cascade-{args.device}" + ("-smoke" if args.smoke else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out / f"{stem}.md").write_text(table)
-    print(table)
+    write(args.out, stem, result, markdown(result))
     return result
 
 

@@ -20,7 +20,6 @@ in the whole-image blur (a flagged image with no region is censored whole).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import resource
@@ -35,6 +34,7 @@ from nsfw_safety import SafetyFilter, load_detector
 from nsfw_safety.regions import NUDENET_LABELS, RegionDetector, Regions, RegionSettings, censor_regions, region_mask
 
 from .measure import median, sync
+from .report import write
 from .run import ROOT, _cpu_name, _write_eva
 
 log = logging.getLogger("benchmarks.regions")
@@ -179,11 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta["load_average_end"] = list(os.getloadavg())
     meta["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stem = f"regions-{args.device}" + ("-smoke" if args.smoke else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out / f"{stem}.md").write_text(table)
-    print(table)
+    write(args.out, stem, result, markdown(result))
     return result
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 
@@ -104,3 +106,11 @@ def summary(result: dict[str, Any]) -> str:
         if "error" not in r and r["variant"] != "none":
             lines.append(f"  pipeline share, {r['variant']}: {r['share_pct']:.2f}%")
     return "\n".join(lines) + "\n"
+
+
+def write(out: Path, stem: str, result: dict[str, Any], table: str) -> None:
+    """``<stem>.json`` (the result) and ``<stem>.md`` (the table) in ``out``; the table is printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(table)
+    print(table)
