@@ -82,3 +82,19 @@ def forced_dirs(tmp_path_factory):
            {"eva60": (0.3, 0.1, 0.15, 0.45), "eva30": (0.6, 0.1, 0.1, 0.2)}.items()}
     vits = {"vit20": 0.2, "vit50": 0.5, "vit90": 0.9}
     return out | {name: write_vit(root / name, p_nsfw=p) for name, p in vits.items()}
+
+
+@pytest.fixture(scope="module")
+def nsfw(eva_nsfw_dir):
+    """A detector that flags every image (one per test module: tests may move or cast it)."""
+    from nsfw_safety import load_detector
+
+    return load_detector(str(eva_nsfw_dir))
+
+
+@pytest.fixture(scope="module")
+def safe(eva_safe_dir):
+    """A detector that flags no image (one per test module)."""
+    from nsfw_safety import load_detector
+
+    return load_detector(str(eva_safe_dir))

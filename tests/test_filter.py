@@ -21,16 +21,6 @@ LUMA = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64).view(3, 1, 1)
 
 
 @pytest.fixture(scope="module")
-def nsfw(eva_nsfw_dir):
-    return load_detector(str(eva_nsfw_dir))
-
-
-@pytest.fixture(scope="module")
-def safe(eva_safe_dir):
-    return load_detector(str(eva_safe_dir))
-
-
-@pytest.fixture(scope="module")
 def mixed(eva_dir):
     return load_detector(str(eva_dir))
 

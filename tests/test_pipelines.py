@@ -25,6 +25,8 @@ from diffusers import (  # noqa: E402
     StableDiffusion3Pipeline, UNet2DConditionModel, VQModel,
 )
 
+from test_diffusers import as_nchw  # noqa: E402
+
 from nsfw_safety import load_detector  # noqa: E402
 from nsfw_safety.censor import blur  # noqa: E402
 from nsfw_safety.diffusers import attach, detach  # noqa: E402
@@ -162,15 +164,6 @@ def run(pipe, kwargs: dict, output_type: str, seed: int = 0):
     pipe.set_progress_bar_config(disable=True)
     return pipe(**kwargs, num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type=output_type,
                 generator=torch.Generator().manual_seed(seed)).images
-
-
-def as_nchw(images, output_type: str) -> torch.Tensor:
-    """(B, 3, H, W): float for "pt" and "np", uint8 for "pil"."""
-    if output_type == "pil":
-        return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
-    if output_type == "np":
-        return torch.from_numpy(images).permute(0, 3, 1, 2)
-    return images
 
 
 def split_rule(detector_dir, images: torch.Tensor) -> SimpleNamespace:

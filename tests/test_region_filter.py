@@ -21,16 +21,6 @@ def regions():
     return RegionSettings(RegionDetector(device="cpu", threads=2))
 
 
-@pytest.fixture(scope="module")
-def nsfw(eva_nsfw_dir):
-    return load_detector(str(eva_nsfw_dir))
-
-
-@pytest.fixture(scope="module")
-def safe(eva_safe_dir):
-    return load_detector(str(eva_safe_dir))
-
-
 def chw(a: np.ndarray) -> torch.Tensor:
     """(H, W, C) uint8 -> (C, H, W) uint8."""
     return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()

@@ -34,11 +34,6 @@ def det(eva_dir):
     return load_detector(str(eva_dir), dtype="fp32")
 
 
-@pytest.fixture(scope="module")
-def nsfw(eva_nsfw_dir):
-    return load_detector(str(eva_nsfw_dir))
-
-
 def levels(det, images) -> torch.Tensor:
     return det.predict(images).levels
 
