@@ -50,13 +50,7 @@ from .levels import (
     level_index, level_matrix,
 )
 from .models import REGISTRY
-
-CASCADE_RULES = ("override", "mean", "max")
-ENSEMBLE_RULES = ("any", "all", "mean")
-#: What :func:`second_opinion` takes: a cascade's rules, then an ensemble's any and all.
-RULES = ("override", "mean", "max", "any", "all")
-#: The rules of :data:`RULES` that make an :class:`Ensemble`: both models on every image, no band.
-BANDLESS = ("any", "all")
+from .vocabulary import BANDLESS, CASCADE_RULES, ENSEMBLE_RULES, RULES  # noqa: F401 (re-exported)
 
 
 class MemberError(RuntimeError):

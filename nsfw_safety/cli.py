@@ -215,15 +215,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(argv: list[str]) -> int:
+    from . import serve_settings  # the flags and their checks: neither torch nor fastapi yet
+
+    parser = argparse.ArgumentParser(prog="nsfw-safety serve", description="Run the nsfw-safety HTTP server.")
+    serve_settings.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        serve_settings.from_args(args)
+    except (TypeError, ValueError) as e:
+        print(f"nsfw-safety serve: bad server settings: {e}", file=sys.stderr)
+        return EXIT_ERROR
     try:
         from . import server  # lazy: fastapi and uvicorn are an optional extra
     except ImportError as e:
         print(f"nsfw-safety serve is not available: {e}\n"
               f"Install the server extra from the clone: pip install -e '.[server]'", file=sys.stderr)
         return EXIT_ERROR
-    parser = argparse.ArgumentParser(prog="nsfw-safety serve", description="Run the nsfw-safety HTTP server.")
-    server.add_arguments(parser)
-    return int(server.run(parser.parse_args(argv)) or 0)
+    return int(server.run(args) or 0)
 
 
 def _scan(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

@@ -30,7 +30,6 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.video_processor import VideoProcessor
-from PIL import Image
 from transformers import CLIPImageProcessor
 
 from .cascade import Cascade, Ensemble, is_detector, members_of, model_name, second_opinion as combine_detectors

@@ -39,14 +39,12 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import IO, Annotated, Any, Literal, Mapping, Sequence
+from typing import IO, Annotated, Any, Literal, Sequence
 
-import torch
 from fastapi import APIRouter, FastAPI, File, Query, Request, Security, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -60,20 +58,17 @@ from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from .cascade import BANDLESS, RULES, second_opinion
-from .detector import Detector, load_detector, resolve_dtype
+from .cascade import second_opinion
+from .detector import Detector, load_detector
 from .filter import SafetyFilter
 from .inputs import ImageTooLarge, MultiFrameImage, open_image, plain
 from .censor import HIDING_ACTIONS
-from .levels import DEFAULT_LEVEL, DEFAULT_THRESHOLD, NSFW_LEVELS, Policy, check_threshold, level_index
-from .regions.detector import MIN_SCORE, NUDENET_LABELS, _class_indices, _per_class
-from .regions.mask import SHAPES
-from .regions.settings import RegionSettings, parse_classes, parse_per_class
+from .levels import NSFW_LEVELS, Policy, level_index
+from .regions.settings import RegionSettings
+from .serve_settings import ENV, FORMATS, Settings, add_arguments, from_args  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-#: Image formats the server can accept, by media type, and the PIL decoder each is read with.
-FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 _MEDIA = {fmt: ctype for ctype, fmt in FORMATS.items()}
 #: ``?censor=`` values: every action that hides an image (each returns one of the upload's size).
 CENSOR = HIDING_ACTIONS
@@ -86,200 +81,6 @@ Level = Literal[NSFW_LEVELS]  # "low", "medium", "high"
 LevelQuery = Annotated[Level | None, Query(description="override the level for this request")]
 ThresholdQuery = Annotated[float | None, Query(ge=0.0, le=1.0, description="override the threshold for this request")]
 CensorQuery = Annotated[Literal[CENSOR] | None, Query(description="return the image, censored if flagged")]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How the service runs. Each field has a flag and an environment variable (``ENV``).
-
-    Attributes:
-        model: registry name, hub id or local checkpoint directory.
-        revision, device, dtype: as for :func:`nsfw_safety.load_detector` (None: its defaults).
-        second_opinion: a second model (as ``model``) that re-checks the images whose first score
-            at ``level`` is in ``band`` (:func:`nsfw_safety.cascade.second_opinion`); None: one model.
-        band: (lo, hi), bounds included; None: (``threshold``, 1), every image the first flags.
-        combine: ``override`` (default), ``mean`` or ``max`` where the second scored; ``any`` or
-            ``all``: both models on every image (no band).
-        level, threshold: the default policy; a request may override both.
-        lock_policy: requests may only make the policy stricter (a lower level or threshold);
-            a looser one is refused with 403.
-        api_key: when set, ``/compute*`` needs it (``Authorization: Bearer`` or ``X-API-Key``).
-        max_batch_size: most images scored together on the device.
-        max_wait_ms: how long the first queued image waits for others to join its batch.
-        max_upload_bytes: largest accepted file, in bytes.
-        max_pixels: largest accepted image, width * height, checked before decoding.
-        max_pixels_in_flight: most decoded pixels held at once, over all requests (None:
-            4 * ``max_pixels``); each upload reserves its width * height before decoding.
-        busy_timeout: seconds an upload waits for room in that budget before a 503.
-        max_files: most images in one ``/compute/batch`` request.
-        content_types: accepted formats (read from the bytes), a subset of ``FORMATS``.
-        header_timeout: seconds a connection has to send its request headers.
-        body_timeout: seconds a request has to send its body, once its headers are in.
-        max_connections: most open connections and requests; beyond it uvicorn answers 503.
-        regions: region mode, off when None: the region classes (a set such as ``"exposed"`` or
-            ``"faces"``, or class names). Flagged images are then censored in their regions only
-            (whole when none is found), and every result lists the regions of a flagged image.
-        region_model: the region detector's ``.onnx`` file (None: the installed nudenet model).
-        region_threshold, region_expand: one number, or a mapping class -> number (see
-            :class:`~nsfw_safety.regions.RegionSettings`).
-        region_shape, region_feather: the mask's shape and soft edge.
-    """
-
-    model: str = "eva"
-    revision: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    second_opinion: str | None = None
-    band: tuple[float, float] | None = None
-    combine: str | None = None
-    level: str = DEFAULT_LEVEL
-    threshold: float = DEFAULT_THRESHOLD
-    lock_policy: bool = False
-    api_key: str | None = field(default=None, repr=False)
-    max_batch_size: int = 16
-    max_wait_ms: float = 5.0
-    max_upload_bytes: int = 20 * 2**20
-    max_pixels: int = 4096 * 4096  # 50 MB once decoded to RGB
-    max_pixels_in_flight: int | None = None
-    busy_timeout: float = 10.0
-    max_files: int = 16
-    content_types: tuple[str, ...] = tuple(FORMATS)
-    header_timeout: float = 10.0
-    body_timeout: float = 60.0
-    max_connections: int = 64
-    regions: str | tuple[str, ...] | None = None
-    region_model: str | None = None
-    region_threshold: float | Mapping[str, float] = MIN_SCORE
-    region_expand: float | Mapping[str, float] = 0.0
-    region_shape: str = "rectangle"
-    region_feather: float = 0.0
-
-    def __post_init__(self) -> None:
-        level_index(self.level)
-        object.__setattr__(self, "threshold", check_threshold(self.threshold))
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"device must be a torch device such as 'cuda' or 'cpu', got {self.device!r}") from None
-        if self.dtype is not None:
-            resolve_dtype(self.dtype, torch.device("cpu"))
-        if self.combine is not None and self.combine not in RULES:
-            raise ValueError(f"combine must be one of {RULES}, got {self.combine!r}")
-        if self.band is not None:
-            if len(self.band) != 2:
-                raise ValueError(f"band must be two numbers LO HI, got {self.band!r}")
-            lo, hi = (check_threshold(b, "band") for b in self.band)
-            if lo > hi:
-                raise ValueError(f"band must have LO <= HI, got {self.band!r}")
-            if self.combine in BANDLESS:
-                raise ValueError(f"combine={self.combine} runs both models on every image: it takes no band")
-            object.__setattr__(self, "band", (lo, hi))
-        if self.second_opinion is None and (self.band is not None or self.combine is not None):
-            raise ValueError("band and combine need a second_opinion model")
-        if self.api_key is not None and not (isinstance(self.api_key, str) and self.api_key.strip()):
-            raise ValueError("api_key must be a non-empty string")
-        if self.max_pixels_in_flight is None:
-            object.__setattr__(self, "max_pixels_in_flight", 4 * self.max_pixels)
-        for name in ("max_batch_size", "max_upload_bytes", "max_pixels", "max_pixels_in_flight", "max_files",
-                     "max_connections"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.max_pixels_in_flight < self.max_pixels:
-            raise ValueError(f"max_pixels_in_flight ({self.max_pixels_in_flight:,}) must be at least "
-                             f"max_pixels ({self.max_pixels:,}), or the largest image could never be decoded")
-        for name, top in (("max_wait_ms", 10_000), ("busy_timeout", 3600), ("header_timeout", 3600),
-                          ("body_timeout", 3600)):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value <= top):
-                raise ValueError(f"{name} must be in [0, {top}], got {value!r}")
-        types = tuple(self.content_types)
-        unknown = [t for t in types if t not in FORMATS]
-        if not types or unknown:
-            raise ValueError(f"content_types must be a non-empty subset of {tuple(FORMATS)}, got {types!r}")
-        object.__setattr__(self, "content_types", types)
-        self._check_regions()
-
-    def _check_regions(self) -> None:
-        """What can be checked without loading the region model (which checks the rest)."""
-        if self.region_shape not in SHAPES:
-            raise ValueError(f"region_shape must be one of {SHAPES}, got {self.region_shape!r}")
-        if not (isinstance(self.region_feather, (int, float)) and 0 <= self.region_feather <= 1):
-            raise ValueError(f"region_feather must be in [0, 1], got {self.region_feather!r}")
-        if self.regions is None or self.region_model is not None:
-            return  # a model of the user's own has its own class names
-        chosen = _class_indices(self.regions, NUDENET_LABELS)
-        for name, bounds in (("region_threshold", (0.0, 1.0)), ("region_expand", (0.0, 10.0))):
-            _per_class(getattr(self, name), name, chosen, NUDENET_LABELS, 0.0, bounds)
-
-    def region_settings(self) -> RegionSettings | None:
-        """The region settings (the region model loaded), or None when region mode is off."""
-        if self.regions is None:
-            return None
-        return RegionSettings(self.region_model, self.regions, self.region_threshold, self.region_expand,
-                              self.region_shape, self.region_feather)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> "Settings":
-        """Defaults, then ``NSFW_SAFETY_*`` variables from ``env``, then ``overrides`` that are not None.
-
-        Raises:
-            ValueError: a variable that does not parse, naming it.
-        """
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            var = ENV[f.name]
-            if env.get(var, "").strip():
-                raw = env[var].strip()
-                try:
-                    values[f.name] = _PARSE.get(f.name, str)(raw)
-                except ValueError as e:
-                    raise ValueError(f"{var}={raw!r}: {e}") from None
-            if overrides.get(f.name) is not None:
-                values[f.name] = overrides[f.name]
-        return cls(**values)
-
-
-def _split(raw: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
-
-
-def _band(raw: str) -> tuple[float, ...]:
-    """``"0.3,0.7"`` or ``"0.3 0.7"`` -> (0.3, 0.7)."""
-    return tuple(float(part) for part in raw.replace(",", " ").split())
-
-
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false (1/0, yes/no, on/off)")
-
-
-ENV = {
-    "model": "NSFW_SAFETY_MODEL", "revision": "NSFW_SAFETY_REVISION", "device": "NSFW_SAFETY_DEVICE",
-    "dtype": "NSFW_SAFETY_DTYPE", "level": "NSFW_SAFETY_LEVEL", "threshold": "NSFW_SAFETY_THRESHOLD",
-    "second_opinion": "NSFW_SAFETY_SECOND_OPINION", "band": "NSFW_SAFETY_BAND", "combine": "NSFW_SAFETY_COMBINE",
-    "lock_policy": "NSFW_SAFETY_LOCK_POLICY", "api_key": "NSFW_SAFETY_API_KEY",
-    "max_batch_size": "NSFW_SAFETY_MAX_BATCH", "max_wait_ms": "NSFW_SAFETY_MAX_WAIT_MS",
-    "max_upload_bytes": "NSFW_SAFETY_MAX_UPLOAD_BYTES", "max_pixels": "NSFW_SAFETY_MAX_PIXELS",
-    "max_pixels_in_flight": "NSFW_SAFETY_MAX_PIXELS_IN_FLIGHT", "busy_timeout": "NSFW_SAFETY_BUSY_TIMEOUT",
-    "max_files": "NSFW_SAFETY_MAX_FILES", "content_types": "NSFW_SAFETY_CONTENT_TYPES",
-    "header_timeout": "NSFW_SAFETY_HEADER_TIMEOUT", "body_timeout": "NSFW_SAFETY_BODY_TIMEOUT",
-    "max_connections": "NSFW_SAFETY_MAX_CONNECTIONS", "regions": "NSFW_SAFETY_REGIONS",
-    "region_model": "NSFW_SAFETY_REGION_MODEL", "region_threshold": "NSFW_SAFETY_REGION_THRESHOLD",
-    "region_expand": "NSFW_SAFETY_REGION_EXPAND", "region_shape": "NSFW_SAFETY_REGION_SHAPE",
-    "region_feather": "NSFW_SAFETY_REGION_FEATHER",
-}
-_PARSE = {"threshold": float, "max_wait_ms": float, "max_batch_size": int, "max_upload_bytes": int,
-          "max_pixels": int, "max_pixels_in_flight": int, "busy_timeout": float, "max_files": int,
-          "content_types": _split, "lock_policy": _bool, "header_timeout": float, "body_timeout": float,
-          "max_connections": int, "band": _band, "regions": parse_classes,
-          "region_threshold": lambda raw: parse_per_class(raw, "region_threshold"),
-          "region_expand": lambda raw: parse_per_class(raw, "region_expand"), "region_feather": float}
 
 
 class ServiceError(HTTPException):
@@ -1154,78 +955,13 @@ def uvicorn_config(app, settings: Settings, *, http: str = "auto", **kwargs: Any
                           limit_concurrency=settings.max_connections, **kwargs)
 
 
-# --- command line (wired by `nsfw-safety serve`) ---------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``serve`` flags. Each defaults to its ``NSFW_SAFETY_*`` variable, then to ``Settings``."""
-    d = Settings()
-
-    def flag(name: str, dest: str, help: str, shown: str | None = None, **kw) -> None:
-        default = getattr(d, dest) if shown is None else shown
-        shown = "" if default is None else f"; default {','.join(default) if isinstance(default, tuple) else default}"
-        parser.add_argument(name, dest=dest, default=None, help=f"{help} [env {ENV[dest]}{shown}]", **kw)
-
-    flag("--model", "model", "registry name (eva, vit-sd, vit, falconsai), hub id or checkpoint directory")
-    flag("--revision", "revision", "hub revision (branch, tag or commit)")
-    flag("--device", "device", "torch device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
-    flag("--dtype", "dtype", "bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
-    flag("--second-opinion", "second_opinion", "a second model (as --model) that re-checks the images whose "
-                                               "--model score at --level is in --band", metavar="MODEL")
-    flag("--band", "band", "the first scores sent to the second model, bounds included (env: 'LO,HI'); "
-                           "default: --threshold to 1, every image the first flags",
-         nargs=2, type=float, metavar=("LO", "HI"))
-    flag("--combine", "combine", "where the second model scored: override (default), mean or max; "
-                                 "any or all: both models on every image", choices=RULES)
-    flag("--level", "level", "default level", choices=NSFW_LEVELS)
-    flag("--threshold", "threshold", "default threshold in [0, 1]", type=float)
-    flag("--lock-policy", "lock_policy", "requests may only make the policy stricter (lower level or threshold); "
-                                         "looser ones get 403", action="store_true")
-    flag("--api-key", "api_key", "require this key on /compute* (Authorization: Bearer KEY or X-API-Key: KEY); "
-                                 "prefer the variable, flags show in ps", metavar="KEY")
-    flag("--max-batch", "max_batch_size", "most images scored together", type=int)
-    flag("--max-wait-ms", "max_wait_ms", "how long an image waits for others to join its batch", type=float)
-    flag("--max-upload-bytes", "max_upload_bytes", "largest accepted file", type=int)
-    flag("--max-pixels", "max_pixels", "largest accepted image (width * height)", type=int)
-    flag("--max-pixels-in-flight", "max_pixels_in_flight", "most decoded pixels held at once, over all requests",
-         shown="4 * max-pixels", type=int)
-    flag("--busy-timeout", "busy_timeout", "seconds an upload waits for room in --max-pixels-in-flight before a 503",
-         type=float)
-    flag("--max-files", "max_files", "most images in one /compute/batch request", type=int)
-    flag("--content-types", "content_types", "accepted formats as media types, comma-separated (read from the bytes)",
-         type=_split)
-    flag("--header-timeout", "header_timeout", "seconds a connection has to send its request headers", type=float)
-    flag("--body-timeout", "body_timeout", "seconds a request has to send its body", type=float)
-    flag("--max-connections", "max_connections", "most open connections; beyond it new requests get 503", type=int)
-    flag("--regions", "regions", "region mode: censor only these region classes of a flagged image (exposed, faces, "
-                                 "all, or CLASS,CLASS,...); needs nsfw-safety[regions] (NudeNet: AGPL-3.0)",
-         shown="off", type=parse_classes, metavar="CLASSES")
-    flag("--region-model", "region_model", "the region detector's .onnx file (default: the nudenet package's)")
-    flag("--region-threshold", "region_threshold", "a region's minimum score: one number, or CLASS=NUMBER,...",
-         type=lambda raw: parse_per_class(raw, "region_threshold"))
-    flag("--region-expand", "region_expand", "grow each box by this fraction: one number, or CLASS=NUMBER,...",
-         type=lambda raw: parse_per_class(raw, "region_expand"))
-    flag("--region-shape", "region_shape", "the mask's shape", choices=SHAPES)
-    flag("--region-feather", "region_feather", "the mask's soft edge, a fraction of the box's longer side", type=float)
-    parser.add_argument("--host", default=None, help="address to listen on [env NSFW_SAFETY_HOST; default 127.0.0.1]")
-    parser.add_argument("--port", default=None, type=int, help="port [env NSFW_SAFETY_PORT; default 8000]")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                        help="log level [default info]")
-
-
 def run(args: argparse.Namespace) -> int:
     """Serve with uvicorn until interrupted; returns the exit code (2 for bad settings)."""
     import uvicorn
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # unless the CLI did
     try:
-        settings = Settings.from_env(**{f.name: getattr(args, f.name, None) for f in fields(Settings)})
-        host = args.host or os.environ.get("NSFW_SAFETY_HOST", "").strip() or "127.0.0.1"
-        port = args.port
-        if port is None:
-            raw = os.environ.get("NSFW_SAFETY_PORT", "").strip() or "8000"
-            if not raw.isdigit():
-                raise ValueError(f"NSFW_SAFETY_PORT={raw!r}: expected a port number")
-            port = int(raw)
+        settings, host, port = from_args(args)
     except (TypeError, ValueError) as e:
         log.error("bad server settings: %s", e)
         return 2

@@ -491,7 +491,6 @@ def test_html_report(tree, tmp_path, eva_nsfw_dir, eva_safe_dir):
 def test_serve_is_wired_to_the_server_module(monkeypatch):
     got = {}
     fake = types.ModuleType("nsfw_safety.server")
-    fake.add_arguments = lambda parser: parser.add_argument("--port", type=int, default=8000)
     fake.run = lambda args: got.setdefault("port", args.port) and 7
     monkeypatch.setitem(sys.modules, "nsfw_safety.server", fake)
     monkeypatch.setattr(nsfw_safety, "server", fake, raising=False)

@@ -315,15 +315,17 @@ def test_settings_round_trip_through_a_dict(regions, tmp_path):
 
 
 def test_command_line_values_parse():
-    assert settings_module.parse_per_class("0.4", "threshold") == 0.4
-    assert settings_module.parse_per_class("FACE_MALE=0.5, FACE_FEMALE=0.6", "threshold") == {
+    from nsfw_safety import options
+
+    assert options.parse_per_class("0.4", "threshold") == 0.4
+    assert options.parse_per_class("FACE_MALE=0.5, FACE_FEMALE=0.6", "threshold") == {
         "FACE_MALE": 0.5, "FACE_FEMALE": 0.6}
     with pytest.raises(ValueError, match="threshold"):
-        settings_module.parse_per_class("high", "threshold")
+        options.parse_per_class("high", "threshold")
     with pytest.raises(ValueError, match="'FACE_MALE=x' is not CLASS=NUMBER"):
-        settings_module.parse_per_class("FACE_MALE=x", "threshold")
-    assert settings_module.parse_classes("faces") == "faces"
-    assert settings_module.parse_classes("FACE_MALE, FACE_FEMALE") == ("FACE_MALE", "FACE_FEMALE")
+        options.parse_per_class("FACE_MALE=x", "threshold")
+    assert options.parse_classes("faces") == "faces"
+    assert options.parse_classes("FACE_MALE, FACE_FEMALE") == ("FACE_MALE", "FACE_FEMALE")
 
 
 @pytest.mark.gpu

@@ -128,9 +128,12 @@ PROBE = ("import sys\n"
     (["scan", "x", "--thresholds", "low=2"], 2), (["scan", "x", "--threshold", "1.5"], 2),
     (["scan", "x", "--in-place", "--out", "y"], 2), (["scan", "x", "--model", "./nope"], 2),
     (["scan", "x", "--report", "r.txt"], 2), (["scan", "x", "--level", "neutral"], 2),
+    (["serve", "--help"], 0), (["serve", "--level", "neutral"], 2), (["serve", "--max-batch", "0"], 2),
+    (["serve", "--second-opinion", "vit", "--band", "0.8", "0.2"], 2), (["serve", "--regions", "TAILS"], 2),
+    (["serve", "--region-threshold", "x"], 2),
 ])
 def test_parsing_imports_no_model_library(argv, code):
-    """--help, --version and argument errors never import torch, timm, transformers, PIL, numpy."""
+    """--help, --version and argument errors never import torch, timm, transformers, PIL, numpy (nor fastapi)."""
     r = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
     result = [line for line in r.stdout.splitlines() if line.startswith("RESULT")]
     assert result == [f"RESULT {code}"], r.stdout + r.stderr
@@ -139,7 +142,7 @@ def test_parsing_imports_no_model_library(argv, code):
     assert probe.returncode == code
     imported = {line.split("|")[-1].strip().split(".")[0] for line in probe.stderr.splitlines()
                 if line.startswith("import time:")}
-    assert "nsfw_safety" in imported and not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert "nsfw_safety" in imported and not imported & {*HEAVY, "fastapi"}, sorted(imported & {*HEAVY, "fastapi"})
 
 
 def test_public_names_still_import():

@@ -32,27 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..vocabulary import (CLASS_SETS, DEFAULT_CLASSES, MIN_SCORE, NUDENET_LABELS,  # noqa: F401 (re-exported)
+                          class_indices, per_class)
+
 log = logging.getLogger(__name__)
 
-#: NudeNet's 18 classes, in the order of the model's outputs.
-NUDENET_LABELS = (
-    "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
-    "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED",
-    "BELLY_COVERED", "FEET_COVERED", "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE",
-    "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED", "ANUS_COVERED", "FEMALE_BREAST_COVERED",
-    "BUTTOCKS_COVERED",
-)
-#: Named class sets. "exposed" (the default) is what a nudity censor hides; MALE_BREAST_EXPOSED is
-#: left out, as a bare chest is not usually censored. "faces" is privacy mode.
-CLASS_SETS: dict[str, tuple[str, ...]] = {
-    "exposed": ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED",
-                "BUTTOCKS_EXPOSED", "ANUS_EXPOSED"),
-    "faces": ("FACE_FEMALE", "FACE_MALE"),
-    "all": NUDENET_LABELS,
-}
-DEFAULT_CLASSES = "exposed"
-#: nudenet's effective score threshold (the score threshold of its ``cv2.dnn.NMSBoxes`` call).
-MIN_SCORE = 0.25
 NMS_IOU = 0.45
 DEFAULT_RESOLUTION = 320
 
@@ -120,9 +104,9 @@ class Regions:
         Returns:
             the kept regions, same ``size``, ``problems`` and ``labels``.
         """
-        chosen = _class_indices(classes, self.labels)
-        thr = _per_class(threshold, "threshold", chosen, self.labels, MIN_SCORE, (0.0, 1.0))
-        grow = _per_class(expand, "expand", chosen, self.labels, 0.0, (0.0, 10.0))
+        chosen = class_indices(classes, self.labels)
+        thr = per_class(threshold, "threshold", chosen, self.labels, MIN_SCORE, (0.0, 1.0))
+        grow = per_class(expand, "expand", chosen, self.labels, 0.0, (0.0, 10.0))
         thr = torch.tensor(thr, device=self.scores.device)
         grow = torch.tensor(grow, device=self.boxes.device)
         keep = self.scores >= thr[self.classes]
@@ -142,35 +126,6 @@ class Regions:
         keep = image >= 0
         return Regions(self.boxes[keep], self.scores[keep], self.classes[keep], image[keep], self.size,
                        tuple(self.problems[i] for i in index), self.labels)
-
-
-def _class_indices(classes: str | Iterable[str], labels: Sequence[str]) -> list[int]:
-    if isinstance(classes, str):
-        if classes not in CLASS_SETS:
-            raise ValueError(f"classes must be one of {tuple(CLASS_SETS)} or a list of class names, got {classes!r}")
-        classes = CLASS_SETS[classes]
-    names = list(classes)
-    unknown = [c for c in names if c not in labels]
-    if unknown:
-        raise ValueError(f"unknown region classes {unknown}; this detector's classes are {list(labels)}")
-    return [labels.index(c) for c in names]
-
-
-def _per_class(value: float | Mapping[str, float], what: str, chosen: list[int], labels: Sequence[str],
-               default: float, bounds: tuple[float, float]) -> list[float]:
-    """A list over all classes: ``value`` for the chosen ones, +inf (threshold) or 0 elsewhere."""
-    if isinstance(value, Mapping):
-        extra = [c for c in value if c not in [labels[i] for i in chosen]]
-        if extra:
-            raise ValueError(f"{what} names classes that are not selected: {extra}")
-        per = {labels.index(c): float(v) for c, v in value.items()}
-    else:
-        per = {i: float(value) for i in chosen}
-    for i, v in per.items():
-        if not bounds[0] <= v <= bounds[1]:
-            raise ValueError(f"{what} for {labels[i]} must be in [{bounds[0]}, {bounds[1]}], got {v}")
-    off = float("inf") if what == "threshold" else 0.0
-    return [per.get(i, default) if i in chosen else off for i in range(len(labels))]
 
 
 def default_model_path() -> Path:

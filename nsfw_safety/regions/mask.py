@@ -14,9 +14,9 @@ from typing import Sequence
 import torch
 
 from ..censor import DEFAULT_BLOCK, DEFAULT_BLUR, censor, default_card, fill, place
+from ..vocabulary import SHAPES
 from .detector import Regions
 
-SHAPES = ("rectangle", "ellipse")
 #: Elements of one (boxes, H, W) intermediate: boxes are drawn this many pixels at a time, so
 #: many boxes on a large image cost a bounded amount of memory.
 _CHUNK = 1 << 22

@@ -20,9 +20,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .detector import (CLASS_SETS, DEFAULT_CLASSES, MIN_SCORE, NMS_IOU, RegionDetector, Regions, _class_indices,
-                       _per_class, default_model_path)
-from .mask import SHAPES
+from ..vocabulary import CLASS_SETS, DEFAULT_CLASSES, MIN_SCORE, SHAPES, class_indices, per_class
+from .detector import NMS_IOU, RegionDetector, Regions, default_model_path
 
 
 @dataclass(frozen=True)
@@ -70,10 +69,10 @@ class RegionSettings:
             if not classes or not all(isinstance(c, str) for c in classes):
                 raise ValueError(f"classes must be a non-empty list of class names, got {list(classes)!r}")
         object.__setattr__(self, "classes", classes)
-        chosen = _class_indices(classes, detector.labels)  # raises for unknown names
+        chosen = class_indices(classes, detector.labels)  # raises for unknown names
         for name, bounds in (("threshold", (0.0, 1.0)), ("expand", (0.0, 10.0))):
             value = _number_or_mapping(getattr(self, name), name)
-            _per_class(value, name, chosen, detector.labels, 0.0, bounds)  # raises for bad values
+            per_class(value, name, chosen, detector.labels, 0.0, bounds)  # raises for bad values
             object.__setattr__(self, name, value)
         if self.shape not in SHAPES:
             raise ValueError(f"shape must be one of {SHAPES}, got {self.shape!r}")
@@ -141,34 +140,6 @@ def _reference(path: Path) -> str | None:
     except ImportError:
         pass
     return str(path.resolve())
-
-
-def parse_per_class(raw: str, name: str) -> float | dict[str, float]:
-    """A command-line value: one number (``"0.4"``) or ``"CLASS=0.4,CLASS=0.5"``.
-
-    Raises:
-        ValueError: naming ``name`` and the part that does not parse.
-    """
-    raw = raw.strip()
-    if "=" not in raw:
-        try:
-            return float(raw)
-        except ValueError:
-            raise ValueError(f"{name} must be a number or CLASS=NUMBER,...; got {raw!r}") from None
-    out = {}
-    for part in raw.split(","):
-        label, _, value = part.partition("=")
-        try:
-            out[label.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"{name}: {part.strip()!r} is not CLASS=NUMBER") from None
-    return out
-
-
-def parse_classes(raw: str) -> str | tuple[str, ...]:
-    """A command-line value: a class set name (``"exposed"``) or comma-separated class names."""
-    parts = tuple(p.strip() for p in raw.split(",") if p.strip())
-    return parts[0] if len(parts) == 1 and parts[0] in CLASS_SETS else parts
 
 
 def locate(settings: RegionSettings, pixels: torch.Tensor) -> Regions:
