@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
+from .options import REGION_FLAGS, check_regions
 from .scan import DEFAULT_MAX_PIXELS, EXIT_ERROR, EXIT_INTERRUPTED, ScanError
 from .scan.reports import FORMATS
 from .scan.walk import IMAGE_EXTENSIONS
-from .vocabulary import (ACTIONS, DEFAULT_ACTION, DEFAULT_LEVEL, DEFAULT_MODEL, DEFAULT_THRESHOLD, NSFW_LEVELS,
-                         check_threshold, level_index)
+from .vocabulary import (ACTIONS, DEFAULT_ACTION, DEFAULT_LEVEL, DEFAULT_MODEL, DEFAULT_THRESHOLD, MIN_SCORE,
+                         NSFW_LEVELS, SHAPES, check_threshold, level_index)
 
 #: How many flagged files and errors the text summary prints (the report has them all).
 PRINTED = 20
@@ -136,6 +137,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument("--actors", type=_positive_int,
                    help="with --engine ray: scoring actors (default: one per GPU, else one per 4 CPUs)")
 
+    g = scan.add_argument_group(
+        "regions (pip install -e '.[regions]'; NudeNet's model: AGPL-3.0; see README, Region censoring)",
+        f"defaults: --region-threshold {MIN_SCORE}, --region-expand 0, --region-shape {SHAPES[0]}, "
+        "--region-feather 0. Not for animations and videos (their frames are censored whole) "
+        "nor --engine ray")
+    for f in REGION_FLAGS:
+        g.add_argument(f.name, dest=f.dest, help=f.help, **f.kwargs)
+
     sub.add_parser("serve", add_help=False, help="run the HTTP server (needs the server extra: "
                                                  "pip install -e '.[server]'); see nsfw-safety serve --help")
     return parser, scan
@@ -183,11 +192,41 @@ def _check_scan_args(scan: argparse.ArgumentParser, args: argparse.Namespace) ->
             scan.error(f"--{name} {str(path)!r} is a folder: expected a file")
     if args.report is not None and args.report.suffix.lower() not in FORMATS:
         scan.error(f"--report {str(args.report)!r} must end in one of {', '.join(FORMATS)}")
+    _check_region_args(scan, args)
     model = os.path.expanduser(args.model)
     if _looks_like_a_path(args.model) and not os.path.isdir(model):
         scan.error(f"--model {args.model!r}: no such directory"
                    + (" (it is a file: give the checkpoint's folder)" if os.path.isfile(model) else ""))
     args.model = model if os.path.isdir(model) else args.model
+
+
+def _check_region_args(scan: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Region mode's flags (``options.REGION_FLAGS``): checked, and the unset ones given their defaults."""
+    given = [f.name for f in REGION_FLAGS if f.dest != "regions" and getattr(args, f.dest) is not None]
+    if args.regions is None:
+        if given:
+            scan.error(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --regions")
+        return
+    if args.engine == "ray":
+        scan.error("--regions is not available with --engine ray")
+    for dest, default in (("region_threshold", MIN_SCORE), ("region_expand", 0.0), ("region_shape", SHAPES[0]),
+                          ("region_feather", 0.0)):
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    try:
+        check_regions(args.regions, args.region_model, args.region_threshold, args.region_expand,
+                      args.region_shape, args.region_feather)
+    except ValueError as e:
+        message = str(e)
+        for f in REGION_FLAGS:  # the check names settings (region_feather); here they are flags
+            if f.dest != "regions":
+                message = message.replace(f.dest, f.name)
+        scan.error(message)
+    if args.region_model is not None:
+        path = os.path.expanduser(args.region_model)
+        if not os.path.isfile(path):
+            scan.error(f"--region-model {args.region_model!r}: no such file")
+        args.region_model = os.path.abspath(path)  # as the report records it, wherever a resume runs
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -249,7 +288,8 @@ def _scan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, policy=policy, max_pixels=args.max_pixels,
         report=args.report, html=args.html, fail_on_flagged=args.fail_on_flagged, action=args.action,
         out=args.out, copy_safe=args.copy_safe, move_flagged=args.move_flagged, in_place=args.in_place,
-        force=args.force)
+        force=args.force,
+        **{f.dest: getattr(args, f.dest) for f in REGION_FLAGS if getattr(args, f.dest) is not None})
     try:
         if args.engine == "ray":
             from .scan.on_ray import scan_on_ray  # imports ray

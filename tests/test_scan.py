@@ -130,7 +130,12 @@ PROBE = ("import sys\n"
     (["scan", "x", "--report", "r.txt"], 2), (["scan", "x", "--level", "neutral"], 2),
     (["serve", "--help"], 0), (["serve", "--level", "neutral"], 2), (["serve", "--max-batch", "0"], 2),
     (["serve", "--second-opinion", "vit", "--band", "0.8", "0.2"], 2), (["serve", "--regions", "TAILS"], 2),
-    (["serve", "--region-threshold", "x"], 2),
+    (["serve", "--region-threshold", "x"], 2), (["scan", "x", "--regions", "TAILS"], 2),
+    (["scan", "x", "--region-shape", "ellipse"], 2),
+    (["scan", "x", "--regions", "exposed", "--region-feather", "2"], 2),
+    (["scan", "x", "--regions", "faces", "--region-threshold", "BUTTOCKS=0.5"], 2),
+    (["scan", "x", "--regions", "exposed", "--region-model", "nope.onnx"], 2),
+    (["scan", "x", "--regions", "exposed", "--engine", "ray", "--out", "o"], 2),
 ])
 def test_parsing_imports_no_model_library(argv, code):
     """--help, --version and argument errors never import torch, timm, transformers, PIL, numpy (nor fastapi)."""

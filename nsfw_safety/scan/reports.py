@@ -27,14 +27,16 @@ from . import ScanError
 from .files import write_atomic
 
 #: One row per file. ``status`` is "ok", "flagged" or "error"; ``flagged`` is True for
-#: "flagged" and "error" (fail closed: an unchecked file never counts as clean).
+#: "flagged" and "error" (fail closed: an unchecked file never counts as clean). ``regions``:
+#: None when region mode is off or the file was not read, else a list (see :func:`regions_cell`).
 COLUMNS = ("path", "size", "mtime_ns", "width", "height", "frames", "status", "flagged", *LEVELS,
-           "reason", "action", "output", "moved_to", "model", "revision", "rules")
+           "reason", "action", "output", "moved_to", "model", "revision", "rules",
+           "regions", "region_settings")
 #: The columns that say how a row was scored; every row of a report has the same.
-SETTINGS = ("model", "revision", "rules")
+SETTINGS = ("model", "revision", "rules", "region_settings")
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _INTS = ("size", "mtime_ns", "width", "height")
-_TEXT = ("frames", "reason", "action", "output", "moved_to", "model", "revision", "rules")
+_TEXT = ("frames", "reason", "action", "output", "moved_to", "model", "revision", "rules", "region_settings")
 _PATHS = ("path", "output", "moved_to")
 
 
@@ -113,9 +115,40 @@ def _clean_row(raw: dict[str, Any]) -> dict[str, Any] | None:
             row[k] = row[k] or ""
         for k in _PATHS:
             row[k] = decode_path(row[k] or "")
+        row["regions"] = _read_regions(row["regions"])
         return row
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+# --- regions -------------------------------------------------------------------------------
+
+def regions_cell(regions: list[dict[str, Any]] | None) -> str:
+    """The CSV form of a row's regions: ``""`` for None, else compact JSON, one
+    ``[label, score, x1, y1, x2, y2]`` per region (score to 4 decimals, box to 0.1 pixel), e.g.
+    ``[["BUTTOCKS_EXPOSED",0.5812,317.6,114.4,663.9,443.2]]``; ``[]`` for none."""
+    if regions is None:
+        return ""
+    return json.dumps([[r["label"], round(r["score"], 4), *(round(v, 1) for v in r["box"])] for r in regions],
+                      ensure_ascii=False, separators=(",", ":"))
+
+
+def _read_regions(value: Any) -> list[dict[str, Any]] | None:
+    """A row's regions as read back: JSONL's list of ``{"label", "score", "box"}``, or a CSV cell
+    (:func:`regions_cell`); ``ValueError`` when it is neither."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = [{"label": r[0], "score": r[1], "box": r[2:]} for r in json.loads(value)]
+    if not isinstance(value, list):
+        raise ValueError(f"regions must be a list, got {value!r}")
+    out = []
+    for r in value:
+        box = [float(v) for v in r["box"]]
+        if not isinstance(r["label"], str) or len(box) != 4:
+            raise ValueError(f"not a region: {r!r}")
+        out.append({"label": r["label"], "score": float(r["score"]), "box": box})
+    return out
 
 
 def read_report(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -147,9 +180,10 @@ def latest_rows(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def describe_settings(settings: dict[str, str]) -> str:
-    """``--model M --revision R --thresholds medium=0.5`` for messages."""
+    """``--model M --revision R --thresholds medium=0.5 [--regions exposed ...]`` for messages."""
     rev = f" --revision {settings['revision']}" if settings["revision"] else ""
-    return f"--model {settings['model']}{rev} --thresholds {settings['rules']}"
+    regions = f" {settings['region_settings']}" if settings["region_settings"] else ""
+    return f"--model {settings['model']}{rev} --thresholds {settings['rules']}{regions}"
 
 
 def check_settings(rows: Iterable[dict[str, Any]], settings: dict[str, str], report: str | os.PathLike) -> None:
@@ -262,7 +296,8 @@ def format_rows(rows: list[dict[str, Any]], fmt: str, header: bool) -> str:
     if fmt == "csv":
         writer = csv.writer(buf)
         for row in rows:
-            writer.writerow([_csv_value(v) for v in _encoded(row).values()])
+            cells = {**_encoded(row), "regions": regions_cell(row["regions"])}
+            writer.writerow([_csv_value(v) for v in cells.values()])
     else:
         for row in rows:
             buf.write(json.dumps(_encoded(row), ensure_ascii=False) + "\n")

@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shlex
 import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
@@ -33,7 +34,8 @@ from ..frames import write_censored as write_censored_video
 from ..inputs import MultiFrameImage, open_image
 from ..levels import LEVELS, NSFW_LEVELS, Policy
 from ..models import ModelLoadError, resolve
-from ..vocabulary import DEFAULT_ACTION, DEFAULT_MODEL
+from ..options import REGION_FLAGS
+from ..vocabulary import DEFAULT_ACTION, DEFAULT_MODEL, MIN_SCORE, SHAPES
 from . import DEFAULT_MAX_PIXELS, EXIT_CLEAN, EXIT_ERROR, EXIT_FLAGGED, EXIT_INTERRUPTED, ScanError
 from . import outputs
 from .files import remove_stale_temps
@@ -68,11 +70,59 @@ class ScanOptions:
     move_flagged: Path | None = None
     in_place: bool = False
     force: bool = False
+    # region mode (off when regions is None): as RegionSettings' classes, detector (an .onnx
+    # path; None: the nudenet package's), threshold, expand, shape and feather
+    regions: str | tuple[str, ...] | None = None
+    region_model: str | None = None
+    region_threshold: float | Mapping[str, float] = MIN_SCORE
+    region_expand: float | Mapping[str, float] = 0.0
+    region_shape: str = SHAPES[0]
+    region_feather: float = 0.0
 
 
 def rules_text(policy: Policy) -> str:
     """The policy as ``--thresholds`` would give it, e.g. ``"low=0.9,high=0.8"``."""
     return ",".join(f"{level}={t!r}" for level, t in policy.rules.items())
+
+
+def regions_text(opts: ScanOptions) -> str:
+    """Region mode as the flags that give it (``""`` when off), e.g. ``"--regions exposed
+    --region-threshold 0.25 --region-expand 0.0 --region-shape rectangle --region-feather 0.0"``:
+    the settings record of a report's rows."""
+    if opts.regions is None:
+        return ""
+    flag = {f.dest: f.name for f in REGION_FLAGS}
+
+    def text(value: Any) -> str:
+        if isinstance(value, Mapping):
+            return ",".join(f"{k}={float(v)!r}" for k, v in sorted(value.items()))
+        return value if isinstance(value, str) else repr(float(value))
+
+    classes = opts.regions if isinstance(opts.regions, str) else ",".join(opts.regions)
+    values = {"regions": classes, "region_model": opts.region_model and os.path.abspath(opts.region_model),
+              "region_threshold": text(opts.region_threshold), "region_expand": text(opts.region_expand),
+              "region_shape": opts.region_shape, "region_feather": text(opts.region_feather)}
+    return shlex.join(part for dest, value in values.items() if value is not None for part in (flag[dest], value))
+
+
+def _load_regions(opts: ScanOptions) -> Any:
+    """Region mode's :class:`~nsfw_safety.regions.RegionSettings` (the region model loaded on
+    ``--device``), or None when it is off.
+
+    Raises:
+        ScanError: the region model cannot be loaded (nudenet or onnxruntime missing, a file that
+            is not a NudeNet detector) or does not have the classes asked for; the message names it.
+    """
+    if opts.regions is None:
+        return None
+    name = opts.region_model or "nudenet/320n.onnx (the nudenet package's)"
+    try:
+        from ..regions import RegionDetector, RegionSettings
+
+        return RegionSettings(RegionDetector(opts.region_model, device=opts.device), opts.regions,
+                              opts.region_threshold, opts.region_expand, opts.region_shape, opts.region_feather)
+    except Exception as e:  # ImportError, FileNotFoundError, onnxruntime's own errors...: exit 2, named
+        raise ScanError(f"cannot load the region model {name}: {type(e).__name__}: {e}") from e
 
 
 @dataclass
@@ -169,10 +219,12 @@ class _Batches:
             result = self.guard([d.image for d in good])
             levels = result.scores.levels.float().cpu().tolist() if result.scores is not None else None
             valid = result.scores.valid.cpu().tolist() if result.scores is not None else [False] * len(good)
+            found = ([[r.to_dict() for r in regions] for regions in result.regions] if result.regions is not None
+                     else [None] * len(good))
             for i, d in enumerate(good):
                 shown[id(d.file)] = result.images[i]
                 rows.append(self._act(d, result.images[i], result.flagged[i], result.reasons[i],
-                                      result.actions[i], levels[i] if valid[i] else None))
+                                      result.actions[i], levels[i] if valid[i] else None, found[i]))
         for d in decoded:
             if d.video:
                 row, poster = self._video(d.file)
@@ -198,12 +250,12 @@ class _Batches:
         return row
 
     def _act(self, d: _Decoded, shown: Image.Image, flagged: bool, reason: str, action: str,
-             levels: list[float] | None) -> dict[str, Any]:
+             levels: list[float] | None, regions: list[dict[str, Any]] | None) -> dict[str, Any]:
         """Write the copy or overwrite the original, as asked, for one scored file; its row."""
         opts, f = self.opts, d.file
         status = "error" if levels is None else ("flagged" if flagged else "ok")
         row = self._row(f, width=d.image.width, height=d.image.height, status=status, flagged=flagged,
-                        reason=reason, **(dict(zip(LEVELS, levels)) if levels else {}))
+                        reason=reason, regions=regions, **(dict(zip(LEVELS, levels)) if levels else {}))
         done = []
         try:
             if flagged and opts.out is not None:
@@ -240,6 +292,11 @@ class _Batches:
         row = self._row(f, width=info.width, height=info.height, frames=f"{len(result.checked)}/{result.total}",
                         status="error" if failed else ("flagged" if result.flagged else "ok"),
                         flagged=result.flagged, reason=result.reason, **(result.levels or {}))
+        if self.guard.regions is not None:  # check_video censors frames whole: no region is searched
+            row["regions"] = []
+            if result.flagged:
+                row["reason"] += ("; region mode does not search animations and videos: their frames are "
+                                  "censored whole")
         done = []
         try:
             if result.flagged and not failed and opts.out is not None:
@@ -354,14 +411,14 @@ def _model_arg(opts: ScanOptions) -> str:
 
 
 def _settings(opts: ScanOptions, resolved: bool) -> dict[str, str]:
-    """model id (as the library resolves it), revision, rules: what a report row records."""
+    """model id (as the library resolves it), revision, rules, region mode: what a report row records."""
     model = _model_arg(opts)
     if resolved:
         try:
             _, model, _ = resolve(model, revision=opts.revision)
         except (ModelLoadError, ValueError, TypeError, OSError) as e:
             raise ScanError(f"cannot load model {opts.model!r}: {e}") from e
-    return dict(zip(SETTINGS, (model, opts.revision or "", rules_text(opts.policy))))
+    return dict(zip(SETTINGS, (model, opts.revision or "", rules_text(opts.policy), regions_text(opts))))
 
 
 def _clean_outputs(opts: ScanOptions) -> None:
@@ -425,13 +482,14 @@ def scan(opts: ScanOptions, progress: Callable[[int], Any] | None = None) -> dic
         t0 = time.perf_counter()
         guard = None
         if any(f.error is None for f in todo):
+            regions = _load_regions(opts)  # first: it fails in a moment where the classifier takes seconds
             try:
                 detector = load_detector(_model_arg(opts), revision=opts.revision, device=opts.device,
                                          dtype=opts.dtype, max_batch_size=opts.batch_size)
                 censoring = opts.out is not None or opts.in_place or opts.html is not None
                 guard = SafetyFilter(detector, opts.policy.level, opts.policy.threshold,
                                      thresholds=opts.policy.thresholds,
-                                     action=opts.action if censoring else "none")
+                                     action=opts.action if censoring else "none", regions=regions)
             except (ModelLoadError, ValueError, TypeError, OSError, RuntimeError) as e:
                 raise ScanError(f"cannot load model {opts.model!r}: {e}") from e
         load_s = time.perf_counter() - t0
@@ -503,6 +561,7 @@ def _summary(opts: ScanOptions, settings: dict[str, str], files: int, tally: _Ta
         "rules": opts.policy.rules,
         "model": settings["model"],
         "revision": settings["revision"] or None,
+        "regions": settings["region_settings"] or None,
         "seconds": round(seconds, 3),
         "model_load_seconds": round(load_s, 3),
         "images_per_second": round(tally.scanned / seconds, 2) if seconds > 0 else 0.0,
