@@ -1,6 +1,7 @@
 """The HTML review page: one self-contained file with thumbnails, scores and histograms.
 
-Flagged images are shown as the filter censored them. Thumbnails are kept beside the report
+Flagged images are shown as the filter censored them; in region mode, each censored region's
+box is outlined on the censored thumbnail, with its class. Thumbnails are kept beside the report
 (``<report>.thumbs/``, one small JPEG per row, censored for flagged images), so the page of a
 resumed scan still shows the files scored in earlier runs.
 """
@@ -17,15 +18,24 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..vocabulary import LEVELS, NSFW_LEVELS
 from .files import is_temp, write_atomic
 from .reports import encode_path
 
 
-def thumbnail_jpeg(image: Image.Image, size: int = 192) -> bytes:
-    """``image`` shrunk to fit ``size`` x ``size`` (alpha over grey), as JPEG bytes."""
+#: The colour of region outlines: magenta, which stands out on black fills, grey cards and blurs.
+OUTLINE = (255, 0, 255)
+
+
+def thumbnail_jpeg(image: Image.Image, size: int = 192, regions: Iterable[dict[str, Any]] = ()) -> bytes:
+    """``image`` shrunk to fit ``size`` x ``size`` (alpha over grey), as JPEG bytes.
+
+    Args:
+        regions: boxes to outline, each ``{"label", "box": [x1, y1, x2, y2]}`` in ``image``'s
+            pixels (a report row's regions); only ever those of a censored image.
+    """
     im = image.copy()
     im.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -33,9 +43,28 @@ def thumbnail_jpeg(image: Image.Image, size: int = 192) -> bytes:
         bg = Image.new("RGBA", im.size, (200, 200, 200, 255))
         im = Image.alpha_composite(bg, im)
     im = im.convert("RGB")
+    regions = list(regions)
+    _outline(im, regions, im.width / image.width, im.height / image.height)
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=75)
+    # full-resolution colour when outlined: 4:2:0 subsampling smears a 2-pixel line into its neighbours
+    im.save(buf, "JPEG", quality=75, **({"subsampling": 0} if regions else {}))
     return buf.getvalue()
+
+
+def _outline(im: Image.Image, regions: Iterable[dict[str, Any]], sx: float, sy: float) -> None:
+    """Draw each region's box (scaled by ``sx``, ``sy``) on ``im``: a 2-pixel outline, its class
+    in a black tab inside the top left corner."""
+    draw = ImageDraw.Draw(im)
+    for r in regions:
+        x1, y1, x2, y2 = r["box"]
+        left, top = round(x1 * sx), round(y1 * sy)
+        right, bottom = max(left, round(x2 * sx) - 1), max(top, round(y2 * sy) - 1)
+        draw.rectangle((left, top, right, bottom), outline=OUTLINE, width=2)
+        # a model's own class names: printable ASCII (Pillow 10's bitmap font has nothing else), and short
+        label = "".join(c if " " <= c <= "~" else "?" for c in r["label"][:40])
+        tab = draw.textbbox((left + 3, top + 3), label)
+        draw.rectangle((tab[0] - 1, tab[1] - 1, tab[2] + 1, tab[3] + 1), fill=(0, 0, 0))
+        draw.text((left + 3, top + 3), label, fill=OUTLINE)
 
 
 def _data_uri(jpeg: bytes) -> str:
@@ -135,7 +164,8 @@ class HtmlReport:
             row: its report row.
             image: what to show: the censored image for a flagged file, the image itself
                 for a clean one; None for an error, or a file scored in an earlier run (whose
-                thumbnail is then taken from ``thumbs``).
+                thumbnail is then taken from ``thumbs``). The regions of a flagged row are
+                outlined on it: it must be the censored image.
             earlier: a row of the report for a file that is no longer under the scanned paths
                 (moved to the quarantine, or removed); listed apart, outside the statistics.
         """
@@ -145,7 +175,7 @@ class HtmlReport:
             return
         jpeg = None
         if image is not None:
-            jpeg = thumbnail_jpeg(image, self.thumb_size)
+            jpeg = thumbnail_jpeg(image, self.thumb_size, (kind == "flagged" and row.get("regions")) or ())
             if self.thumbs is not None:
                 self.thumbs.put(row, jpeg)
         elif self.thumbs is not None and kind != "error":
@@ -183,7 +213,9 @@ class HtmlReport:
             f"{_e(str(summary.get('model', '')))}</code>"
             + (f" revision <code>{_e(summary['revision'])}</code>" if summary.get("revision") else "")
             + " &middot; flagged when "
-            f"{_e(' or '.join(f'{k} ≥ {v:.2f}' for k, v in self.rules.items()))}</div>",
+            f"{_e(' or '.join(f'{k} ≥ {v:.2f}' for k, v in self.rules.items()))}"
+            + (f" &middot; region mode <code>{_e(summary['regions'])}</code> (censored regions outlined)"
+               if summary.get("regions") else "") + "</div>",
             "<div class='stats'>",
             _stat("files", summary.get("files", 0)),
             _stat("flagged", summary.get("flagged", 0), "bad"),
