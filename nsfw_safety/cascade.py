@@ -7,10 +7,10 @@
 * :class:`Ensemble`: every member scores every image; ``any``, ``all`` or ``mean``.
 * :func:`second_opinion`: either one, from two detectors or model names, in one call.
 
-To its callers (``SafetyFilter``, the diffusers checker, the ComfyUI nodes, the server) either one
-is a detector: ``predict``, ``score``, ``is_nsfw``, ``device``, ``dtype``, ``to``, ``model`` (one
-module holding every member's, so that a host that moves it moves them all), ``model_id``,
-``revision``, ``labels``. Its :class:`~nsfw_safety.levels.Scores` keep each member's own in
+To its callers (``SafetyFilter``, the diffusers checker, the ComfyUI nodes, the server, ``scan``,
+``check_video``) either one is a detector: ``predict``, ``score``, ``is_nsfw``, ``device``,
+``dtype``, ``max_batch_size``, ``to``, ``model`` (one module holding every member's, so that a host
+that moves it moves them all), ``model_id``, ``revision``, ``labels``. Its :class:`~nsfw_safety.levels.Scores` keep each member's own in
 ``parts``, and :meth:`Policy.decide <nsfw_safety.levels.Policy.decide>` names the member that
 decided in each reason.
 
@@ -116,6 +116,12 @@ class Combination:
     @property
     def dtype(self) -> torch.dtype:
         return self.members[0].dtype
+
+    @property
+    def max_batch_size(self) -> int:
+        """The smallest member's: how many images a caller that chunks its input (``check_video``)
+        hands over at once; each member still scores in chunks of its own."""
+        return min(m.max_batch_size for m in self.members)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None):
         """Move (and cast) every member in place; returns self."""

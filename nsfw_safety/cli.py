@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .options import REGION_FLAGS, check_regions
+from .options import REGION_FLAGS, SECOND_OPINION_FLAGS, check_regions, check_second_opinion
 from .scan import DEFAULT_MAX_PIXELS, EXIT_ERROR, EXIT_INTERRUPTED, ScanError
 from .scan.reports import FORMATS
 from .scan.walk import IMAGE_EXTENSIONS
-from .vocabulary import (ACTIONS, DEFAULT_ACTION, DEFAULT_LEVEL, DEFAULT_MODEL, DEFAULT_THRESHOLD, MIN_SCORE,
-                         NSFW_LEVELS, SHAPES, check_threshold, level_index)
+from .vocabulary import (ACTIONS, BANDLESS, DEFAULT_ACTION, DEFAULT_LEVEL, DEFAULT_MODEL, DEFAULT_THRESHOLD,
+                         MIN_SCORE, NSFW_LEVELS, SHAPES, check_threshold, level_index)
 
 #: How many flagged files and errors the text summary prints (the report has them all).
 PRINTED = 20
@@ -107,6 +107,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help="per-level thresholds instead, e.g. low=0.9,medium=0.6: flagged when any level meets its own")
     g.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this, unread (default: {DEFAULT_MAX_PIXELS:,})")
+    g = scan.add_argument_group("second opinion (--revision is the first model's: the second loads at its default "
+                                "revision, or from a folder; see README)")
+    for f in SECOND_OPINION_FLAGS:
+        g.add_argument(f.name, dest=f.dest, help=f.help, **f.kwargs)
     g = scan.add_argument_group("output")
     g.add_argument("--report", type=Path, help=f"report file ({', '.join(FORMATS)}); appended to, and re-runs "
                                                "skip files already in it with the same size and mtime")
@@ -198,6 +202,29 @@ def _check_scan_args(scan: argparse.ArgumentParser, args: argparse.Namespace) ->
         scan.error(f"--model {args.model!r}: no such directory"
                    + (" (it is a file: give the checkpoint's folder)" if os.path.isfile(model) else ""))
     args.model = model if os.path.isdir(model) else args.model
+    _check_second_opinion(scan, args)
+
+
+def _check_second_opinion(scan: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--second-opinion, --band and --combine: together, with the policy, and with the engine."""
+    if args.second_opinion is None:
+        if args.band is not None or args.combine is not None:
+            scan.error("--band and --combine need --second-opinion MODEL")
+        return
+    try:
+        check_second_opinion(args.second_opinion, args.band, args.combine)
+    except ValueError as e:
+        scan.error(f"bad second opinion: {e}")
+    if args.engine == "ray":
+        scan.error("--second-opinion is not available with --engine ray")
+    if args.thresholds is not None and args.combine not in BANDLESS:
+        scan.error(f"--thresholds with --second-opinion needs --combine {' or '.join(BANDLESS)} (both models on "
+                   f"every image): a cascade's --band is read on one level, so give --level and --threshold")
+    second = os.path.expanduser(args.second_opinion)
+    if _looks_like_a_path(args.second_opinion) and not os.path.isdir(second):
+        scan.error(f"--second-opinion {args.second_opinion!r}: no such directory"
+                   + (" (it is a file: give the checkpoint's folder)" if os.path.isfile(second) else ""))
+    args.second_opinion = second if os.path.isdir(second) else args.second_opinion
 
 
 def _check_region_args(scan: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -288,7 +315,7 @@ def _scan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, policy=policy, max_pixels=args.max_pixels,
         report=args.report, html=args.html, fail_on_flagged=args.fail_on_flagged, action=args.action,
         out=args.out, copy_safe=args.copy_safe, move_flagged=args.move_flagged, in_place=args.in_place,
-        force=args.force,
+        force=args.force, second_opinion=args.second_opinion, band=args.band, combine=args.combine,
         **{f.dest: getattr(args, f.dest) for f in REGION_FLAGS if getattr(args, f.dest) is not None})
     try:
         if args.engine == "ray":

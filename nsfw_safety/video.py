@@ -40,7 +40,7 @@ from . import inputs as _inputs
 from .detector import Scores
 from .filter import SafetyFilter
 from .frames import VideoError, VideoInfo, VideoLimits, probe, read_frames, write_censored
-from .levels import LEVELS
+from .levels import LEVELS, NOT_SCORED, Parts
 
 __all__ = ["CENSOR", "VideoBatchResult", "VideoResult", "check_video", "check_videos", "frame_ranges",
            "write_censored"]
@@ -209,8 +209,8 @@ def _verdict(guard: SafetyFilter, total: int, checked: list[int], times: list[fl
     if scores is not None:
         verdict = guard.policy.decide(scores)  # the one host read
         flags, problems, frame_reasons = verdict.flagged, verdict.problems, verdict.reasons
-        top = scores.levels.float().max(0).values
-        levels = dict(zip(LEVELS, top.cpu().tolist()))
+        top = _top(scores)
+        levels = dict(zip(LEVELS, top.levels[0].cpu().tolist()))
     flagged_frames = [i for i, f in zip(checked, flags) if f]
     flagged_times = [t for t, f in zip(times, flags) if f]
     blocked = {i for i, p in zip(checked, problems) if p is not None}
@@ -219,10 +219,9 @@ def _verdict(guard: SafetyFilter, total: int, checked: list[int], times: list[fl
     elif levels is None:  # nothing scored and no error recorded: impossible, and never "safe"
         raise AssertionError("no frame was scored and no error was recorded")
     else:
-        problem = next((p for p in problems if p is not None), None)
+        problem = next((r for p, r in zip(problems, frame_reasons) if p is not None), None)  # names the model
         # the rule read on the video's levels (the max over its frames), as for one image
-        summary = problem or guard.policy.decide(
-            Scores(top[None], top[None], LEVELS, torch.zeros(1, dtype=torch.int8, device=top.device))).reasons[0]
+        summary = problem or guard.policy.decide(top).reasons[0]
         if flagged_frames:
             where = _ranges_text(flagged_frames, dict(zip(checked, times)))
             reason = f"{head}; flagged {len(flagged_frames)}: {where}; {summary}"
@@ -238,6 +237,24 @@ def _verdict(guard: SafetyFilter, total: int, checked: list[int], times: list[fl
                 scores=scores, frame_reasons=frame_reasons, flagged_frames=flagged_frames,
                 times=flagged_times if all(t is not None for t in flagged_times) else None,
                 actions=actions, levels=levels, error=error)
+
+
+def _top(scores: Scores) -> Scores:
+    """One row: each level's maximum over the frames. With a second opinion (``scores.parts``), each
+    model's maximum over the frames it scored too, and the model that gave each combined maximum,
+    so that the reason names it as it does for one image."""
+    top, frame = scores.levels.float().max(0)
+    parts = None
+    if scores.parts is not None:
+        members = []
+        for m in scores.parts.scores:
+            ran = (m.status != NOT_SCORED)[:, None]
+            best = m.levels.float().masked_fill(~ran, -torch.inf).max(0).values
+            best = torch.where(ran.any(), best, torch.nan)[None]  # NaN: it scored no frame
+            members.append(Scores(best, best, LEVELS, m.status.amax(0, keepdim=True)))
+        parts = Parts(scores.parts.names, tuple(members), scores.parts.rule,
+                      scores.parts.source.gather(0, frame[None]))
+    return Scores(top[None], top[None], LEVELS, torch.zeros(1, dtype=torch.int8, device=top.device), None, parts)
 
 
 def _window(total: int, checked: list[int], flags: list[bool], window: int) -> list[int]:

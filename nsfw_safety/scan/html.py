@@ -127,7 +127,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 10px}
 table{border-collapse:collapse;background:#fff;border-radius:10px;overflow:hidden;box-shadow:0 1px 2px #0002}
 td,th{padding:6px 10px;text-align:left;border-bottom:1px solid #eee;font-size:13px}
 td.path{font-size:12px}
-.none{color:#777}
+.none{color:#777}.models{font-size:11px;color:#555;margin-top:2px}
 """
 
 
@@ -193,6 +193,7 @@ class HtmlReport:
             f'<div class="card entry {kind}" data-path="{_e(encode_path(row["path"]))}" data-status="{kind}">'
             f'<div class="thumb">{thumb}</div><div class="path">{_e(_display_path(row["path"]))}</div>'
             f'<div class="bars">{bars}</div><div class="reason">{_e(row["reason"])}</div>'
+            + (f'<div class="models">{_e(row["models"])}</div>' if row.get("models") else "")  # a second opinion
             + (f'<div class="reason">{_e(action)}{" &rarr; " + _e(_display_path(where)) if where else ""}</div>'
                if action else "")
             + "</div>\n")

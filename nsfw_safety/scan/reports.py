@@ -1,10 +1,14 @@
 """Scan reports: CSV or JSON Lines rows, written batch by batch, one writer at a time.
 
 A row describes one file (see ``COLUMNS``), including the settings that scored it (model,
-revision, rules), so a report never mixes two settings: a run whose settings differ from
-the report's is refused (:func:`check_settings`). Rows are appended and fsynced per batch,
-so a killed scan leaves a valid report; a re-run reads it back to skip files already scored,
-keyed by (path, size, mtime_ns). When a file was scored again, the newest row wins.
+revision, rules, second opinion), so a report never mixes two settings: a run whose settings
+differ from the report's is refused (:func:`check_settings`). Rows are appended and fsynced
+per batch, so a killed scan leaves a valid report; a re-run reads it back to skip files already
+scored, keyed by (path, size, mtime_ns). When a file was scored again, the newest row wins.
+
+With a second opinion (``nsfw_safety.cascade``), each model's own scores go in the row: as text
+in ``models`` (:func:`models_text`), and in JSONL also as ``parts``, in the shape of the server's
+JSON (a list, one ``{"model", "scored", "levels", "probs", "problem"}`` per model, in order).
 
 Paths are text. One that is not valid UTF-8, or holds control characters, is written
 quoted, the way git quotes file names: ``"`` + the name with ``\\xNN`` for each such byte and
@@ -22,21 +26,25 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..vocabulary import LEVELS
+from ..vocabulary import LEVELS, NSFW_LEVELS
 from . import ScanError
 from .files import write_atomic
 
+#: A second opinion's settings columns: its model id, band (``LO,HI``; empty for ``any``/``all``)
+#: and rule; empty without one. ``models`` (after them) gives each model's own scores, as text.
+SECOND_OPINION = ("second_opinion", "band", "combine")
 #: One row per file. ``status`` is "ok", "flagged" or "error"; ``flagged`` is True for
 #: "flagged" and "error" (fail closed: an unchecked file never counts as clean). ``regions``:
 #: None when region mode is off or the file was not read, else a list (see :func:`regions_cell`).
 COLUMNS = ("path", "size", "mtime_ns", "width", "height", "frames", "status", "flagged", *LEVELS,
            "reason", "action", "output", "moved_to", "model", "revision", "rules",
-           "regions", "region_settings")
+           *SECOND_OPINION, "models", "regions", "region_settings")
 #: The columns that say how a row was scored; every row of a report has the same.
-SETTINGS = ("model", "revision", "rules", "region_settings")
+SETTINGS = ("model", "revision", "rules", *SECOND_OPINION, "region_settings")
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _INTS = ("size", "mtime_ns", "width", "height")
-_TEXT = ("frames", "reason", "action", "output", "moved_to", "model", "revision", "rules", "region_settings")
+_TEXT = ("frames", "reason", "action", "output", "moved_to", "model", "revision", "rules",
+         *SECOND_OPINION, "models", "region_settings")
 _PATHS = ("path", "output", "moved_to")
 
 
@@ -116,6 +124,8 @@ def _clean_row(raw: dict[str, Any]) -> dict[str, Any] | None:
         for k in _PATHS:
             row[k] = decode_path(row[k] or "")
         row["regions"] = _read_regions(row["regions"])
+        parts = raw.get("parts")  # JSONL only
+        row["parts"] = parts if isinstance(parts, list) else None
         return row
     except (TypeError, ValueError, AttributeError):
         return None
@@ -180,10 +190,15 @@ def latest_rows(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def describe_settings(settings: dict[str, str]) -> str:
-    """``--model M --revision R --thresholds medium=0.5 [--regions exposed ...]`` for messages."""
+    """``--model M --revision R --thresholds medium=0.5`` (and the second opinion's and region
+    mode's flags) for messages."""
     rev = f" --revision {settings['revision']}" if settings["revision"] else ""
+    second = ""
+    if settings["second_opinion"]:
+        band = f" --band {settings['band'].replace(',', ' ')}" if settings["band"] else ""
+        second = f" --second-opinion {settings['second_opinion']}{band} --combine {settings['combine']}"
     regions = f" {settings['region_settings']}" if settings["region_settings"] else ""
-    return f"--model {settings['model']}{rev} --thresholds {settings['rules']}{regions}"
+    return f"--model {settings['model']}{rev} --thresholds {settings['rules']}{second}{regions}"
 
 
 def check_settings(rows: Iterable[dict[str, Any]], settings: dict[str, str], report: str | os.PathLike) -> None:
@@ -300,7 +315,10 @@ def format_rows(rows: list[dict[str, Any]], fmt: str, header: bool) -> str:
             writer.writerow([_csv_value(v) for v in cells.values()])
     else:
         for row in rows:
-            buf.write(json.dumps(_encoded(row), ensure_ascii=False) + "\n")
+            obj = _encoded(row)
+            if row.get("parts"):
+                obj["parts"] = [{**p, "model": _text(p["model"])} for p in row["parts"]]
+            buf.write(json.dumps(obj, ensure_ascii=False) + "\n")
     return buf.getvalue()
 
 
@@ -323,3 +341,33 @@ def _csv_value(v: Any) -> Any:
         return f"{v:.6f}"
     return v
 
+
+# --- a second opinion's parts ------------------------------------------------------------------
+
+def models_text(parts: list[dict[str, Any]] | None) -> str:
+    """The ``models`` column: each model's low/medium/high, ``"eva low=0.7000 medium=0.6000
+    high=0.4500; vit-sd not scored"``, or its problem; empty for one model."""
+    def one(p: dict[str, Any]) -> str:
+        if not p["scored"]:
+            return f"{p['model']} not scored"
+        if p["problem"]:
+            return f"{p['model']} {p['problem']}"
+        return " ".join([p["model"], *(f"{k}={p['levels'][k]:.4f}" for k in NSFW_LEVELS)])
+
+    return "; ".join(one(p) for p in parts or ())
+
+
+def frames_parts(frames: list[list[dict[str, Any]]]) -> list[dict[str, Any]] | None:
+    """A video's parts from its frames' (``Parts.to_dicts`` rows, one per checked frame): per
+    model, each level's maximum over the frames it scored (as the row's levels are the maximum
+    over all its frames), ``probs`` None, its first problem; ``scored`` when it scored any frame."""
+    if not frames:
+        return None
+    out = []
+    for m, head in enumerate(frames[0]):
+        scored = [f[m] for f in frames if f[m]["scored"]]
+        levels = {k: max(p["levels"][k] for p in scored) for k in LEVELS} if scored else None
+        problem = next((p["problem"] for p in scored if p["problem"]), None)
+        out.append({"model": head["model"], "scored": bool(scored), "levels": levels, "probs": None,
+                    "problem": problem})
+    return out

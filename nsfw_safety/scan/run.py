@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
+from ..cascade import second_opinion
 from ..detector import load_detector
 from ..filter import SafetyFilter
 from ..frames import VideoLimits, censor_frames, read_frames
@@ -35,13 +36,13 @@ from ..inputs import MultiFrameImage, open_image
 from ..levels import LEVELS, NSFW_LEVELS, Policy
 from ..models import ModelLoadError, resolve
 from ..options import REGION_FLAGS
-from ..vocabulary import DEFAULT_ACTION, DEFAULT_MODEL, MIN_SCORE, SHAPES
+from ..vocabulary import BANDLESS, DEFAULT_ACTION, DEFAULT_MODEL, MIN_SCORE, SHAPES
 from . import DEFAULT_MAX_PIXELS, EXIT_CLEAN, EXIT_ERROR, EXIT_FLAGGED, EXIT_INTERRUPTED, ScanError
 from . import outputs
 from .files import remove_stale_temps
 from .html import HtmlReport, ThumbStore
-from .reports import (COLUMNS, SETTINGS, ReportLock, ReportWriter, check_settings, encode_path, latest_rows,
-                      read_report)
+from .reports import (COLUMNS, SECOND_OPINION, SETTINGS, ReportLock, ReportWriter, check_settings, encode_path,
+                      frames_parts, latest_rows, models_text, read_report)
 from .walk import VIDEO_EXTENSIONS, Found, walk
 
 #: How many flagged files and errors the summary lists (all are in the report).
@@ -70,6 +71,11 @@ class ScanOptions:
     move_flagged: Path | None = None
     in_place: bool = False
     force: bool = False
+    #: a second model that re-checks the images whose first score at the policy's level is in
+    #: ``band`` (None: threshold to 1), combined by ``combine`` (None: override); see ``cascade.second_opinion``
+    second_opinion: str | None = None
+    band: tuple[float, float] | None = None
+    combine: str | None = None
     # region mode (off when regions is None): as RegionSettings' classes, detector (an .onnx
     # path; None: the nudenet package's), threshold, expand, shape and feather
     regions: str | tuple[str, ...] | None = None
@@ -221,10 +227,12 @@ class _Batches:
             valid = result.scores.valid.cpu().tolist() if result.scores is not None else [False] * len(good)
             found = ([[r.to_dict() for r in regions] for regions in result.regions] if result.regions is not None
                      else [None] * len(good))
+            parts = _parts(result.scores, len(good))
             for i, d in enumerate(good):
                 shown[id(d.file)] = result.images[i]
                 rows.append(self._act(d, result.images[i], result.flagged[i], result.reasons[i],
                                       result.actions[i], levels[i] if valid[i] else None, found[i]))
+                rows[-1].update(parts=parts[i], models=models_text(parts[i]))
         for d in decoded:
             if d.video:
                 row, poster = self._video(d.file)
@@ -297,6 +305,9 @@ class _Batches:
             if result.flagged:
                 row["reason"] += ("; region mode does not search animations and videos: their frames are "
                                   "censored whole")
+        if result.scores is not None and result.scores.parts is not None:  # each model's max over its frames
+            row["parts"] = frames_parts(result.scores.parts.to_dicts())
+            row["models"] = models_text(row["parts"])
         done = []
         try:
             if result.flagged and not failed and opts.out is not None:
@@ -410,15 +421,67 @@ def _model_arg(opts: ScanOptions) -> str:
     return os.path.abspath(opts.model) if os.path.isdir(opts.model) else opts.model
 
 
+def _parts(scores: Any, n: int) -> list[list[dict[str, Any]] | None]:
+    """Per image of ``n``, each model's own scores (``Parts.to_dicts``), or None (one model, or a
+    batch whose scoring failed: its rows carry the error)."""
+    if scores is None or scores.parts is None:
+        return [None] * n
+    return scores.parts.to_dicts()
+
+
 def _settings(opts: ScanOptions, resolved: bool) -> dict[str, str]:
-    """model id (as the library resolves it), revision, rules, region mode: what a report row records."""
+    """model id (as the library resolves it), revision, rules, second opinion, region mode: what a report
+    row records."""
     model = _model_arg(opts)
     if resolved:
         try:
             _, model, _ = resolve(model, revision=opts.revision)
         except (ModelLoadError, ValueError, TypeError, OSError) as e:
             raise ScanError(f"cannot load model {opts.model!r}: {e}") from e
-    return dict(zip(SETTINGS, (model, opts.revision or "", rules_text(opts.policy), regions_text(opts))))
+    settings = dict(zip(SETTINGS, (model, opts.revision or "", rules_text(opts.policy))))
+    settings.update(_second_opinion_settings(opts, resolved))
+    settings["region_settings"] = regions_text(opts)
+    return settings
+
+
+def _second_arg(opts: ScanOptions) -> str:
+    """``--second-opinion``, with a checkpoint folder made absolute (as ``--model``)."""
+    return os.path.abspath(opts.second_opinion) if os.path.isdir(opts.second_opinion) else opts.second_opinion
+
+
+def _second_opinion_settings(opts: ScanOptions, resolved: bool) -> dict[str, str]:
+    """The second opinion's settings columns (empty without one): its model id, resolved as
+    ``--model``'s, the band it takes effect in (``--threshold`` to 1 unless ``--band``; none for
+    ``any``/``all``) and the rule, so that the defaults and the same values spelled out match."""
+    if opts.second_opinion is None:
+        return dict.fromkeys(SECOND_OPINION, "")
+    second = _second_arg(opts)
+    if resolved:
+        try:
+            _, second, _ = resolve(second)
+        except (ModelLoadError, ValueError, TypeError, OSError) as e:
+            raise ScanError(f"cannot load the second opinion model {opts.second_opinion!r}: {e}") from e
+    combine = opts.combine or "override"
+    band = opts.band if opts.band is not None else (opts.policy.threshold, 1.0)
+    return dict(zip(SECOND_OPINION, (second, "" if combine in BANDLESS else ",".join(repr(float(b)) for b in band),
+                                     combine)))
+
+
+def _load(opts: ScanOptions) -> Any:
+    """The detector: ``--model``, and the second opinion's cascade or ensemble around it."""
+    try:
+        detector = load_detector(_model_arg(opts), revision=opts.revision, device=opts.device,
+                                 dtype=opts.dtype, max_batch_size=opts.batch_size)
+    except (ModelLoadError, ValueError, TypeError, OSError, RuntimeError) as e:
+        raise ScanError(f"cannot load model {opts.model!r}: {e}") from e
+    if opts.second_opinion is None:
+        return detector
+    try:  # at its default revision (--revision is the first model's), on the first's device
+        return second_opinion(detector, _second_arg(opts), band=None if opts.band is None else tuple(opts.band),
+                              level=opts.policy.level, threshold=opts.policy.threshold,
+                              combine=opts.combine or "override", dtype=opts.dtype, max_batch_size=opts.batch_size)
+    except (ModelLoadError, ValueError, TypeError, OSError, RuntimeError) as e:
+        raise ScanError(f"cannot load the second opinion model {opts.second_opinion!r}: {e}") from e
 
 
 def _clean_outputs(opts: ScanOptions) -> None:
@@ -483,9 +546,8 @@ def scan(opts: ScanOptions, progress: Callable[[int], Any] | None = None) -> dic
         guard = None
         if any(f.error is None for f in todo):
             regions = _load_regions(opts)  # first: it fails in a moment where the classifier takes seconds
+            detector = _load(opts)
             try:
-                detector = load_detector(_model_arg(opts), revision=opts.revision, device=opts.device,
-                                         dtype=opts.dtype, max_batch_size=opts.batch_size)
                 censoring = opts.out is not None or opts.in_place or opts.html is not None
                 guard = SafetyFilter(detector, opts.policy.level, opts.policy.threshold,
                                      thresholds=opts.policy.thresholds,
@@ -562,6 +624,9 @@ def _summary(opts: ScanOptions, settings: dict[str, str], files: int, tally: _Ta
         "model": settings["model"],
         "revision": settings["revision"] or None,
         "regions": settings["region_settings"] or None,
+        "second_opinion": {"model": settings["second_opinion"], "combine": settings["combine"],
+                           "band": [float(b) for b in settings["band"].split(",")] if settings["band"] else None}
+        if settings["second_opinion"] else None,
         "seconds": round(seconds, 3),
         "model_load_seconds": round(load_s, 3),
         "images_per_second": round(tally.scanned / seconds, 2) if seconds > 0 else 0.0,
