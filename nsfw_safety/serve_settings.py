@@ -49,7 +49,8 @@ class Settings:
         max_frames: most frames in an animation or video; every one is checked.
         max_duration: longest playing time of an animation or video, in seconds.
         max_pixels_in_flight: most decoded pixels held at once, over all requests (None:
-            4 * ``max_pixels``); each upload reserves its width * height before decoding.
+            4 * ``max_pixels``); each upload reserves its width * height before decoding, an
+            animation or video the frames of one scored chunk plus 2 (the decoder's own).
         busy_timeout: seconds an upload waits for room in that budget before a 503.
         max_files: most images in one ``/compute/batch`` request.
         content_types: accepted formats (read from the bytes), a subset of ``FORMATS``; the video

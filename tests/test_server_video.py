@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import tempfile
 import threading
 import time
 from fractions import Fraction
@@ -155,6 +156,21 @@ def test_a_flagged_frame_in_the_middle_is_found(served, detector, tmp_path, suff
     assert sum(body["probs"].values()) == pytest.approx(1.0, abs=1e-4)  # the worst frame's probabilities
 
 
+def test_a_second_opinion_checks_every_frame_too(forced_dirs, tmp_path):
+    """A cascade is a detector to the video check: each frame re-checked, each model's part given."""
+    from nsfw_safety.cascade import Cascade
+
+    first, second = load_detector(forced_dirs["eva60"], device="cpu"), load_detector(forced_dirs["vit20"], device="cpu")
+    cascade = Cascade(first, second)
+    path = write(tmp_path / "a.webm", pictures(5))
+    with serving(cascade) as (client, _):
+        body = post(client, path).json()
+    assert (body["category"], body["frames"]) == ("safe", {"checked": 5, "total": 5, "worst": 0})
+    assert body["reason"] == "checked 5 of 5 frames; none flagged: medium 0.20 < 0.50"  # the library's video verdict
+    assert [(p["model"], p["scored"]) for p in body["parts"]] == [("eva60", True), ("vit20", True)]
+    assert body["levels"]["medium"] == pytest.approx(0.2, abs=1e-5)
+
+
 def test_frames_are_scored_in_chunks_charged_to_the_pixel_budget(detector, tmp_path):
     """A 12-frame 64x48 video, batches of 4 and room for 5 frames in flight: chunks of 3 frames
     (5 less the decoder's 2), each reserved with the decoder's frames before it is decoded."""
@@ -260,7 +276,10 @@ def test_animations_and_videos_checked_at_once_are_bounded(detector, tmp_path, m
 
 # --- limits ----------------------------------------------------------------------------------------
 
-def test_each_limit_is_enforced_before_any_frame_is_decoded(detector, tmp_path, decoded_frames):
+def test_each_limit_is_enforced_before_any_frame_is_decoded(detector, tmp_path, decoded_frames, monkeypatch):
+    temp = tmp_path / "server-temp"  # where the server copies uploads for their decoders
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     gif6 = write(tmp_path / "six.gif", pictures(6))  # 6 frames, 0.6 s, 64x48
     mp4_6 = write(tmp_path / "six.mp4", pictures(6))  # 6 frames, 0.75 s
     mp4_long = write(tmp_path / "long.mp4", pictures(4), rate=2)  # 4 frames, 2 s
@@ -278,13 +297,14 @@ def test_each_limit_is_enforced_before_any_frame_is_decoded(detector, tmp_path, 
             r = post(client, path)
             assert (r.status_code, r.json()["error"]) == (413, code), (path.name, r.text)
             assert r.json()["detail"].startswith(repr(path.name)) and words in r.json()["detail"], r.json()
-            assert "/tmp" not in r.json()["detail"]
+            assert "upload" not in r.json()["detail"]  # the upload's name, not the server's copy
         data = gif6.read_bytes()
         r = client.post("/compute", files={"file": ("six.gif", data + bytes(2_000_001 - len(data)), "image/gif")})
         assert (r.status_code, r.json()["error"]) == (413, "upload_too_large")
         assert post(client, write(tmp_path / "ok.gif", pictures(5))).status_code == 200  # within every limit
         assert service.budget.used == 0
     assert decoded_frames == [5]  # only the file within the limits was decoded
+    assert list(temp.iterdir()) == []  # every copy removed, refused or answered
 
 
 def test_a_header_that_lies_is_stopped_while_decoding(safe, tmp_path, decoded_frames):
@@ -297,7 +317,7 @@ def test_a_header_that_lies_is_stopped_while_decoding(safe, tmp_path, decoded_fr
         r = post(client, lying)
         assert (r.status_code, r.json()["error"]) == (413, "too_many_frames"), r.text
         assert r.json()["detail"] == ("checked 20 of 20 frames, then: 'lying.mp4' has more than 20 frames, the limit; "
-                                      "its header was within the limits: refused while decoding")
+                                      "refused while decoding (its header was within the limits, or did not say)")
         r = client.post("/compute/batch", files=[("files", ("lying.mp4", lying.read_bytes(), "video/mp4"))])
         assert [(x["error"], x["status"]) for x in r.json()["results"]] == [("too_many_frames", 413)]
     assert decoded_frames == [20, 20]  # stopped at the limit, not at the end of the file
@@ -330,7 +350,8 @@ def test_a_truncated_video_is_flagged_with_the_reason(safe, tmp_path):
         n = body["frames"]["checked"]
         assert 0 < n < 24 and body["frames"]["total"] == 24
         assert (body["category"], body["flagged"], body["flagged_frames"]) == ("nsfw", True, [])
-        assert body["reason"].startswith(f"checked {n} of 24 frames, then: 'cut.mp4': ") and "/tmp" not in body["reason"]
+        assert body["reason"].startswith(f"checked {n} of 24 frames, then: 'cut.mp4': ")
+        assert "upload.mp4" not in body["reason"]  # named as uploaded, not as the server's copy
         r = post(client, cut, "?censor=blur")  # no censored copy of frames never checked
         assert (r.status_code, r.json()["error"]) == (422, "incomplete_check")
         assert r.json()["detail"].startswith(f"checked {n} of 24 frames, then: 'cut.mp4'")
@@ -395,13 +416,13 @@ def test_censor_returns_the_file_in_its_own_format(served, detector, tmp_path, s
 
 
 def test_censor_too_large_for_the_pixels_in_flight(detector, tmp_path):
-    """Writing a censored video holds 34 frames; here there is room for 20 (but enough to check it)."""
+    """Writing a censored video costs 24 frames; here there is room for 20 (enough to check it)."""
     path = write(tmp_path / "v.mp4", pictures(4))
     with serving(detector, max_pixels=64 * 48, max_pixels_in_flight=20 * 64 * 48) as (client, _):
         assert post(client, path, "?threshold=0").json()["flagged"] is True
         r = post(client, path, "?censor=blur&threshold=0")
     assert (r.status_code, r.json()["error"]) == (413, "censor_too_large")
-    assert "writing its censored copy holds 34 frames of 64x48 at once, 104,448 pixels" in r.json()["detail"]
+    assert "writing its censored copy costs 24 frames of 64x48 in flight, 73,728 pixels" in r.json()["detail"]
 
 
 # --- batches -------------------------------------------------------------------------------------------
