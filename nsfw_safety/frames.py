@@ -51,7 +51,16 @@ class VideoError(ValueError):
 
 
 class VideoTooLarge(VideoError, _inputs.ImageTooLarge):
-    """A video or animation over a :class:`VideoLimits` limit (from its header or while decoding)."""
+    """A video or animation over a :class:`VideoLimits` limit (from its header or while decoding).
+
+    Attributes:
+        limit: the :class:`VideoLimits` field crossed: ``"pixels"``, ``"frames"`` or
+            ``"duration"`` (None for other sizes, e.g. a censored copy's memory).
+    """
+
+    def __init__(self, message: str, limit: str | None = None):
+        super().__init__(message)
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -169,7 +178,7 @@ def _probe_animation(path: Path, name: str, limits: VideoLimits) -> VideoInfo:
             return VideoInfo(path, "animation", im.format, im.width, im.height, n, loop=im.info.get("loop"),
                              default_image=bool(getattr(im, "default_image", False)), fingerprint=fingerprint)
     except Image.DecompressionBombError as e:
-        raise VideoTooLarge(f"{name} is too large to decode safely: {e}") from e
+        raise VideoTooLarge(f"{name} is too large to decode safely: {e}", "pixels") from e
     except (Image.UnidentifiedImageError, VideoError):
         raise
     except Exception as e:  # a header Pillow recognised but cannot parse: let PyAV have a go
@@ -204,7 +213,8 @@ def _probe_video(path: Path, name: str, limits: VideoLimits, pillow_error: Excep
         elif container.duration is not None:
             duration = container.duration / 1_000_000  # AV_TIME_BASE
         if duration is not None and duration > limits.max_duration:
-            raise VideoTooLarge(f"{name} plays for {duration:,.1f} s, over the limit of {limits.max_duration:g} s")
+            raise VideoTooLarge(f"{name} plays for {duration:,.1f} s, over the limit of {limits.max_duration:g} s",
+                                "duration")
         rate = stream.average_rate or stream.guessed_rate
         n = stream.frames
         if n:
@@ -228,12 +238,12 @@ def _check_pixels(name: str, width: int, height: int, limits: VideoLimits) -> No
         raise VideoError(f"{name} has frames of size {width}x{height}")
     if width * height > limits.max_pixels:
         raise VideoTooLarge(f"{name} has frames of {width}x{height} = {width * height:,} pixels, over the "
-                            f"limit of {limits.max_pixels:,}")
+                            f"limit of {limits.max_pixels:,}", "pixels")
 
 
 def _check_frames(name: str, n: int, limits: VideoLimits, more: str = "") -> None:
     if n > limits.max_frames:
-        raise VideoTooLarge(f"{name} has {more}{n:,} frames, over the limit of {limits.max_frames:,}")
+        raise VideoTooLarge(f"{name} has {more}{n:,} frames, over the limit of {limits.max_frames:,}", "frames")
 
 
 # --- decoding --------------------------------------------------------------------------------
@@ -295,7 +305,7 @@ def _pillow_frames(info: VideoInfo, select: Select, limits: VideoLimits) -> Iter
             default = index == 0 and info.default_image
             duration = 0.0 if default else im.info.get("duration", 0) / 1000.0
             if time + duration > limits.max_duration:
-                raise VideoTooLarge(f"{name} plays for more than {limits.max_duration:g} s, the limit")
+                raise VideoTooLarge(f"{name} plays for more than {limits.max_duration:g} s, the limit", "duration")
             yield Frame(index, time, duration, im.copy() if select(index, time) else None)
             time += duration
 
@@ -308,11 +318,11 @@ def _pyav_frames(info: VideoInfo, select: Select, limits: VideoLimits) -> Iterat
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
             if index >= limits.max_frames:
-                raise VideoTooLarge(f"{name} has more than {limits.max_frames:,} frames, the limit")
+                raise VideoTooLarge(f"{name} has more than {limits.max_frames:,} frames, the limit", "frames")
             _check_pixels(name, frame.width, frame.height, limits)
             time = _frame_time(frame, stream, index, info.fps)
             if time is not None and time > limits.max_duration:
-                raise VideoTooLarge(f"{name} plays for more than {limits.max_duration:g} s, the limit")
+                raise VideoTooLarge(f"{name} plays for more than {limits.max_duration:g} s, the limit", "duration")
             duration = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else (
                 1 / info.fps if info.fps else None)
             image = _upright(frame.to_ndarray(format="rgb24"), frame.rotation) if select(index, time) else None

@@ -370,7 +370,7 @@ def open_image(source: str | os.PathLike | IO[bytes], max_pixels: int | None = N
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise ImageTooLarge(f"{name} is {im.width}x{im.height} = {im.width * im.height:,} pixels, "
                                     f"over the limit of {max_pixels:,} (possible decompression bomb)")
-            frames = _frames(im)
+            frames = frame_count(im)
             if frames > 1:
                 hidden = " (one a default image outside the animation)" if getattr(im, "default_image", False) else ""
                 what = "pages" if im.format == "TIFF" else "frames"
@@ -407,9 +407,10 @@ def _deep_rgb_key(im: Image.Image) -> bool:
     return any(v > 255 for v in key) or any(str(t.args).startswith("RGB;16") for t in getattr(im, "tile", []))
 
 
-def _frames(im: Image.Image) -> int:
-    """The frames or pages in the file. A JPEG's extra MPF pictures (previews, HDR gain maps,
-    the other half of a stereo pair) count as none: viewers show the primary image only."""
+def frame_count(im: Image.Image) -> int:
+    """The frames or pages in an opened file, read without decoding pixels (an APNG's default
+    image counts). A JPEG's extra MPF pictures (previews, HDR gain maps, the other half of a
+    stereo pair) count as none: viewers show the primary image only."""
     if im.format == "MPO" or not getattr(im, "is_animated", False):
         return 1
     return im.n_frames

@@ -18,8 +18,12 @@ from .vocabulary import DEFAULT_LEVEL, DEFAULT_THRESHOLD, MIN_SCORE, NSFW_LEVELS
 if TYPE_CHECKING:
     from .regions.settings import RegionSettings
 
-#: Image formats the server can accept, by media type, and the PIL decoder each is read with.
-FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+#: Formats the server can accept, by media type: the PIL decoder each image is read with, or the
+#: video container (read with PyAV). PNG, WebP and GIF files may be animations (APNG included).
+FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF",
+           "video/mp4": "MP4", "video/quicktime": "MOV", "video/webm": "WEBM"}
+#: The formats of ``FORMATS`` that are videos (the rest are images, still or animated).
+VIDEO_FORMATS = ("MP4", "MOV", "WEBM")
 
 
 @dataclass(frozen=True)
@@ -41,12 +45,16 @@ class Settings:
         max_batch_size: most images scored together on the device.
         max_wait_ms: how long the first queued image waits for others to join its batch.
         max_upload_bytes: largest accepted file, in bytes.
-        max_pixels: largest accepted image, width * height, checked before decoding.
+        max_pixels: largest accepted image or frame, width * height, checked before decoding.
+        max_frames: most frames in an animation or video; every one is checked.
+        max_duration: longest playing time of an animation or video, in seconds.
         max_pixels_in_flight: most decoded pixels held at once, over all requests (None:
-            4 * ``max_pixels``); each upload reserves its width * height before decoding.
+            4 * ``max_pixels``); each upload reserves its width * height before decoding, an
+            animation or video the frames of one scored chunk plus 2 (the decoder's own).
         busy_timeout: seconds an upload waits for room in that budget before a 503.
         max_files: most images in one ``/compute/batch`` request.
-        content_types: accepted formats (read from the bytes), a subset of ``FORMATS``.
+        content_types: accepted formats (read from the bytes), a subset of ``FORMATS``; the video
+            types need PyAV (the ``video`` extra).
         header_timeout: seconds a connection has to send its request headers.
         body_timeout: seconds a request has to send its body, once its headers are in.
         max_connections: most open connections and requests; beyond it uvicorn answers 503.
@@ -74,6 +82,8 @@ class Settings:
     max_wait_ms: float = 5.0
     max_upload_bytes: int = 20 * 2**20
     max_pixels: int = 4096 * 4096  # 50 MB once decoded to RGB
+    max_frames: int = 1000
+    max_duration: float = 60.0
     max_pixels_in_flight: int | None = None
     busy_timeout: float = 10.0
     max_files: int = 16
@@ -107,8 +117,8 @@ class Settings:
             raise ValueError("api_key must be a non-empty string")
         if self.max_pixels_in_flight is None:
             object.__setattr__(self, "max_pixels_in_flight", 4 * self.max_pixels)
-        for name in ("max_batch_size", "max_upload_bytes", "max_pixels", "max_pixels_in_flight", "max_files",
-                     "max_connections"):
+        for name in ("max_batch_size", "max_upload_bytes", "max_pixels", "max_pixels_in_flight", "max_frames",
+                     "max_files", "max_connections"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -116,10 +126,12 @@ class Settings:
             raise ValueError(f"max_pixels_in_flight ({self.max_pixels_in_flight:,}) must be at least "
                              f"max_pixels ({self.max_pixels:,}), or the largest image could never be decoded")
         for name, top in (("max_wait_ms", 10_000), ("busy_timeout", 3600), ("header_timeout", 3600),
-                          ("body_timeout", 3600)):
+                          ("body_timeout", 3600), ("max_duration", 24 * 3600)):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value <= top):
                 raise ValueError(f"{name} must be in [0, {top}], got {value!r}")
+        if not self.max_duration > 0:
+            raise ValueError(f"max_duration must be > 0 seconds, got {self.max_duration!r}")
         types = tuple(self.content_types)
         unknown = [t for t in types if t not in FORMATS]
         if not types or unknown:
@@ -178,6 +190,7 @@ ENV = {
     "lock_policy": "NSFW_SAFETY_LOCK_POLICY", "api_key": "NSFW_SAFETY_API_KEY",
     "max_batch_size": "NSFW_SAFETY_MAX_BATCH", "max_wait_ms": "NSFW_SAFETY_MAX_WAIT_MS",
     "max_upload_bytes": "NSFW_SAFETY_MAX_UPLOAD_BYTES", "max_pixels": "NSFW_SAFETY_MAX_PIXELS",
+    "max_frames": "NSFW_SAFETY_MAX_FRAMES", "max_duration": "NSFW_SAFETY_MAX_DURATION",
     "max_pixels_in_flight": "NSFW_SAFETY_MAX_PIXELS_IN_FLIGHT", "busy_timeout": "NSFW_SAFETY_BUSY_TIMEOUT",
     "max_files": "NSFW_SAFETY_MAX_FILES", "content_types": "NSFW_SAFETY_CONTENT_TYPES",
     "header_timeout": "NSFW_SAFETY_HEADER_TIMEOUT", "body_timeout": "NSFW_SAFETY_BODY_TIMEOUT",
@@ -187,7 +200,8 @@ ENV = {
     "region_feather": "NSFW_SAFETY_REGION_FEATHER",
 }
 _PARSE = {"threshold": float, "max_wait_ms": float, "max_batch_size": int, "max_upload_bytes": int,
-          "max_pixels": int, "max_pixels_in_flight": int, "busy_timeout": float, "max_files": int,
+          "max_pixels": int, "max_frames": int, "max_duration": float, "max_pixels_in_flight": int,
+          "busy_timeout": float, "max_files": int,
           "content_types": _split, "lock_policy": _bool, "header_timeout": float, "body_timeout": float,
           "max_connections": int, **ENV_PARSERS}
 
@@ -218,7 +232,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--max-batch", "max_batch_size", "most images scored together", type=int)
     flag("--max-wait-ms", "max_wait_ms", "how long an image waits for others to join its batch", type=float)
     flag("--max-upload-bytes", "max_upload_bytes", "largest accepted file", type=int)
-    flag("--max-pixels", "max_pixels", "largest accepted image (width * height)", type=int)
+    flag("--max-pixels", "max_pixels", "largest accepted image or video frame (width * height)", type=int)
+    flag("--max-frames", "max_frames", "most frames in an animation or video (each is checked)", type=int)
+    flag("--max-duration", "max_duration", "longest animation or video, in seconds of playing time", type=float)
     flag("--max-pixels-in-flight", "max_pixels_in_flight", "most decoded pixels held at once, over all requests",
          shown="4 * max-pixels", type=int)
     flag("--busy-timeout", "busy_timeout", "seconds an upload waits for room in --max-pixels-in-flight before a 503",

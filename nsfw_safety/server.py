@@ -1,14 +1,16 @@
-"""HTTP service: an image in, scores out, a censored image on request, batched under load.
+"""HTTP service: an image, animation or video in, scores out, a censored copy on request, batched under load.
 
     pip install -e ".[server]"          # from a clone; see the README's Install section
     nsfw-safety serve --model eva --host 127.0.0.1 --port 8000
 
-Routes: ``POST /compute`` (one image), ``POST /compute/batch`` (several), ``GET /health``,
+Routes: ``POST /compute`` (one file), ``POST /compute/batch`` (several), ``GET /health``,
 ``GET /ready``, ``GET /docs`` (Swagger UI served from the package, no CDN). Every request runs
 the library's one path: uploads are decoded in worker threads, queued, scored together by
 :class:`Batcher` (one ``Detector.predict`` per batch), judged by each request's own
 :class:`~nsfw_safety.levels.Policy`, and censored by a :class:`~nsfw_safety.filter.SafetyFilter`
-fed those same scores.
+fed those same scores. Animations (GIF, WebP, APNG) and videos (MP4, MOV, WebM) are checked
+every frame by :func:`~nsfw_safety.video.check_video`, whose chunks of frames are queued on the
+same batcher, each scored in its turn between batches of still images.
 
 The boundary, in the order a request meets it:
 
@@ -19,7 +21,12 @@ The boundary, in the order a request meets it:
   oversized file costs no temp disk (:class:`_BoundedMultiPart`);
 * each file: its format read from its bytes, never from the declared type; its pixel count read
   from its header, and reserved from a budget shared by all requests (:class:`PixelBudget`)
-  before it is decoded.
+  before it is decoded;
+* an animation or video: copied to a temporary file for its decoders; its frame size, frame
+  count and playing time read from its header and checked against the limits before any frame
+  is decoded, and again while decoding (a header can lie: a file found over a limit then is
+  refused, never answered on the frames before it); the frames of one chunk, plus the
+  decoder's own, reserved from the same budget.
 
 Errors are JSON ``{"error": code, "detail": message}``: 4xx for every bad request or upload,
 503 while the model loads, when the service is busy or when scoring fails (never an answer of
@@ -39,12 +46,17 @@ import io
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
+from importlib.util import find_spec
+from pathlib import Path
 from typing import IO, Annotated, Any, Literal, Sequence
 
+import anyio
 from fastapi import APIRouter, FastAPI, File, Query, Request, Security, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -61,11 +73,13 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from .cascade import second_opinion
 from .detector import Detector, load_detector
 from .filter import SafetyFilter
-from .inputs import ImageTooLarge, MultiFrameImage, open_image, plain
+from .frames import VideoError, VideoInfo, VideoLimits, VideoTooLarge, probe, write_censored
+from .inputs import ImageTooLarge, frame_count, open_image, plain
 from .censor import HIDING_ACTIONS
-from .levels import NSFW_LEVELS, Policy, level_index
+from .levels import LEVELS, NSFW_LEVELS, Policy, Scores, level_index
 from .regions.settings import RegionSettings
-from .serve_settings import ENV, FORMATS, Settings, add_arguments, from_args  # noqa: F401 (re-exported)
+from .serve_settings import ENV, FORMATS, VIDEO_FORMATS, Settings, add_arguments, from_args  # noqa: F401
+from .video import VideoResult, check_video, frame_ranges
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +115,38 @@ def _clean(message: str, label: str) -> str:
     return plain(message, label)
 
 
+#: The video containers :func:`sniff` recognises (MKV is recognised, to be named, not accepted).
+_VIDEOS = ("MP4", "MOV", "WEBM", "MKV")
+#: ISO base media (``ftyp``) brands of still images: AVIF and HEIF share the MP4 container.
+_IMAGE_BRANDS = {b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+
+
+def _video_format(head: bytes) -> str | None:
+    """The video container whose signature ``head`` starts with: "MP4", "MOV", "WEBM", "MKV", else None."""
+    if head[4:8] == b"ftyp":  # ISO base media: the major brand tells QuickTime from MP4 (and stills)
+        brand = head[8:12]
+        return None if brand in _IMAGE_BRANDS else "MOV" if brand == b"qt  " else "MP4"
+    if head[4:8] in (b"moov", b"mdat", b"wide", b"free", b"skip"):  # an old QuickTime file: no ftyp
+        return "MOV"
+    if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: Matroska, or WebM if its DocType says so
+        return "WEBM" if b"webm" in head else "MKV"
+    return None
+
+
 def sniff(head: bytes, allowed: Sequence[str]) -> str | None:
-    """The PIL format whose signature (magic number) ``head`` starts with, else None.
+    """The format whose signature (magic number) ``head`` starts with, else None: a PIL format,
+    or a video container of :func:`_video_format`.
 
     Args:
-        head: a file's first 16 bytes.
-        allowed: PIL formats tried first, so that a JPEG reads as "JPEG" and not as "MPO".
+        head: a file's first 64 bytes.
+        allowed: formats tried first, so that a JPEG reads as "JPEG" and not as "MPO".
     """
     Image.init()
-    for fmt in [*allowed, *(f for f in Image.ID if f not in allowed)]:
+    for fmt in [*allowed, *(f for f in _VIDEOS if f not in allowed), *(f for f in Image.ID if f not in allowed)]:
+        if fmt in _VIDEOS:
+            if _video_format(head) == fmt:
+                return fmt
+            continue
         accept = Image.OPEN.get(fmt, (None, None))[1]
         with contextlib.suppress(Exception):  # a plugin's check on a short or odd head
             if accept is not None and accept(head):
@@ -117,7 +154,7 @@ def sniff(head: bytes, allowed: Sequence[str]) -> str | None:
     return None
 
 
-def peek(file: IO[bytes], size: int, label: str, settings: Settings) -> tuple[str, int]:
+def peek(file: IO[bytes], size: int, label: str, settings: Settings) -> tuple[str, int, bool]:
     """Check an upload's size and format, and read its pixel count from the header, without decoding.
 
     Args:
@@ -125,7 +162,8 @@ def peek(file: IO[bytes], size: int, label: str, settings: Settings) -> tuple[st
         size: its length in bytes.
         label: how errors name it.
     Returns:
-        (PIL format, width * height).
+        (format, width * height, moving): moving for an animation (more than one frame) or a
+        video, whose header :func:`stage` reads (pixels 0 for a video: not read here).
     Raises:
         ServiceError: 400 empty or unreadable, 413 too many bytes or pixels, 415 a format not accepted.
     """
@@ -136,18 +174,22 @@ def peek(file: IO[bytes], size: int, label: str, settings: Settings) -> tuple[st
                            f"{label} has more than {settings.max_upload_bytes:,} bytes, the upload limit")
     allowed = [FORMATS[t] for t in settings.content_types]
     file.seek(0)
-    fmt = sniff(file.read(16), allowed)
+    fmt = sniff(file.read(64), allowed)
     if fmt is None:
         raise ServiceError(400, "unreadable_image",
-                           f"{label} is not a readable image: its bytes start with no image signature "
+                           f"{label} is not a readable image: its bytes start with no image or video signature "
                            f"(accepted: {', '.join(allowed)})")
     if fmt not in allowed:
-        raise ServiceError(415, "unsupported_format", f"{label} is a {fmt} image (read from its bytes); "
+        kind = "video" if fmt in _VIDEOS else "image"
+        raise ServiceError(415, "unsupported_format", f"{label} is a {fmt} {kind} (read from its bytes); "
                                                       f"accepted: {', '.join(allowed)}")
+    if fmt in VIDEO_FORMATS:
+        return fmt, 0, True
     file.seek(0)
     try:
         with Image.open(file, formats=[fmt]) as im:
             width, height = im.size
+            frames = frame_count(im)
     except Image.DecompressionBombError as e:
         raise ServiceError(413, "too_many_pixels", f"{label} has too many pixels to decode safely: {e}") from None
     except Exception as e:  # noqa: BLE001 -- decoders raise anything on hostile headers
@@ -156,20 +198,18 @@ def peek(file: IO[bytes], size: int, label: str, settings: Settings) -> tuple[st
     if width * height > settings.max_pixels:
         raise ServiceError(413, "too_many_pixels", f"{label} is {width}x{height} = {width * height:,} pixels, "
                                                    f"over the limit of {settings.max_pixels:,}")
-    return fmt, width * height
+    return fmt, width * height, frames > 1
 
 
 def decode(file: IO[bytes], fmt: str, label: str, settings: Settings) -> Image.Image:
-    """Decode an upload that :func:`peek` passed, with the library's :func:`open_image`.
+    """Decode a still image that :func:`peek` passed, with the library's :func:`open_image`.
 
     Raises:
-        ServiceError: 400 unreadable, 413 too many pixels, 415 more than one frame.
+        ServiceError: 400 unreadable, 413 too many pixels.
     """
     file.seek(0)
     try:  # only the decoder of the format its bytes announce
         return open_image(file, settings.max_pixels, formats=[fmt], name=label)
-    except MultiFrameImage as e:
-        raise ServiceError(415, "multi_frame_image", _clean(str(e), label)) from None
     except ImageTooLarge as e:
         raise ServiceError(413, "too_many_pixels", _clean(str(e), label)) from None
     except ValueError as e:
@@ -281,6 +321,16 @@ class _Job:
     queued: float
 
 
+@dataclass
+class _FramesJob:
+    """A chunk of an animation's or video's frames, prepared: scored alone, in its turn."""
+
+    pixels: Any  # (F, C, H, W) uint8 or float, or a list of (C, H, W), on the detector's device
+    finite: Any  # (F,) bool, or None
+    future: asyncio.Future
+    queued: float
+
+
 @dataclass(frozen=True)
 class Outcome:
     """One image's answer: the decision, its reason, its scores (a ``Scores.to_dicts`` row), the
@@ -304,8 +354,14 @@ class Batcher:
     the model. A batch that fails is scored again one image at a time, so one image that
     cannot be scored fails alone.
 
+    Animations and videos queue their frames a chunk at a time (:meth:`score_frames`): the
+    queue is served in arrival order, and a video queues its next chunk only once the last one
+    is scored, so still images queued meanwhile go first. A long video holds the scoring thread
+    (and the detector's lock) for one chunk at a time and never starves the still images.
+
     Attributes:
-        sizes: how many batches of each size were scored.
+        sizes: how many batches of each size were scored (still images).
+        frame_chunks: how many chunks of each size were scored (frames of animations and videos).
     """
 
     def __init__(self, detector: Detector, max_batch_size: int, max_wait_ms: float,
@@ -315,7 +371,8 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.sizes: collections.Counter[int] = collections.Counter()
-        self._pending: collections.deque[_Job] = collections.deque()
+        self.frame_chunks: collections.Counter[int] = collections.Counter()
+        self._pending: collections.deque[_Job | _FramesJob] = collections.deque()
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="nsfw-safety-score")
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -342,6 +399,21 @@ class Batcher:
             for job in jobs:  # a client that went away: its images are skipped, not scored
                 job.future.cancel()
 
+    async def score_frames(self, pixels: Any, finite: Any) -> Scores:
+        """Queue one chunk of prepared frames and wait for its scores, on the detector's device.
+
+        Raises:
+            ServiceError: 503 when scoring failed.
+        """
+        loop = asyncio.get_running_loop()
+        job = _FramesJob(pixels, finite, loop.create_future(), loop.time())
+        self._pending.append(job)
+        self._arrived.set()
+        try:
+            return await job.future
+        finally:
+            job.future.cancel()
+
     async def close(self) -> None:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -360,19 +432,29 @@ class Batcher:
         while not self._pending:
             self._arrived.clear()
             await self._arrived.wait()
+        if isinstance(self._pending[0], _FramesJob):  # a chunk is a batch already
+            return
         deadline = self._pending[0].queued + self.max_wait
         while len(self._pending) < self.max_batch_size and (remaining := deadline - loop.time()) > 0:
             self._arrived.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
-    def _take(self) -> list[_Job]:
-        batch = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+    def _take(self) -> list[_Job] | list[_FramesJob]:
+        """The next batch: the chunk at the head of the queue, or the still images up to the next chunk."""
+        if isinstance(self._pending[0], _FramesJob):
+            batch = [self._pending.popleft()]
+        else:
+            batch = []
+            while self._pending and len(batch) < self.max_batch_size and isinstance(self._pending[0], _Job):
+                batch.append(self._pending.popleft())
         return [job for job in batch if not job.future.done()]
 
-    async def _answer(self, batch: list[_Job]) -> None:
+    async def _answer(self, batch: list[_Job] | list[_FramesJob]) -> None:
         if not batch:
             return
+        if isinstance(batch[0], _FramesJob):
+            return await self._answer_frames(batch[0])
         loop = asyncio.get_running_loop()
         try:
             outcomes = await loop.run_in_executor(self._executor, self._score, batch)
@@ -390,6 +472,20 @@ class Batcher:
         for job, outcome in zip(batch, outcomes):
             if not job.future.done():
                 job.future.set_result(outcome)
+
+    async def _answer_frames(self, job: _FramesJob) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            scores = await loop.run_in_executor(self._executor, self.detector.score, job.pixels, job.finite)
+        except Exception as e:  # noqa: BLE001 -- fail closed: the video's request gets a 503
+            log.exception("scoring a chunk of %d frames failed", len(job.pixels))
+            if not job.future.done():
+                job.future.set_exception(ServiceError(503, "scoring_failed",
+                                                      f"scoring failed: {type(e).__name__}: {e}"))
+            return
+        self.frame_chunks[len(job.pixels)] += 1
+        if not job.future.done():
+            job.future.set_result(scores)
 
     def _make_filter(self, level: str, threshold: float, action: str) -> SafetyFilter:
         return SafetyFilter(self.detector, level, threshold, action=action, regions=self.regions)
@@ -424,6 +520,132 @@ class Batcher:
                 out[i] = Outcome(f, r, rows[i], a, im, rg)
         log.debug("scored a batch of %d in %.1f ms", len(batch), 1000 * (time.perf_counter() - start))
         return out
+
+
+# --- animations and videos (worker threads) --------------------------------------------------
+
+#: The temporary file's suffix for each moving format (its decoders and writers go by it).
+_SUFFIXES = {"GIF": ".gif", "PNG": ".png", "WEBP": ".webp", "MP4": ".mp4", "MOV": ".mov", "WEBM": ".webm"}
+#: The error code of each :class:`~nsfw_safety.frames.VideoLimits` field (all 413).
+_LIMIT_CODES = {"pixels": "too_many_pixels", "frames": "too_many_frames", "duration": "too_long"}
+#: Frames a decoder holds besides those handed out: the canvas an animation is composed on, and
+#: a video's reference frames (as YUV, half the size of RGB).
+DECODER_FRAMES = 2
+#: What writing a censored video costs, in frames of the pixel budget (whose unit is what a
+#: still image costs, about 33 bytes a pixel): :func:`~nsfw_safety.frames.write_censored`
+#: censors 32 decoded frames at a time, and the encoder looks ahead. Measured: a 64-frame
+#: 1920x1080 H.264 copy, every frame blurred, peaked 1.46 GB over the idle server, 705 bytes per
+#: frame pixel, 21 such frames. (An animation is reserved as all its frames plus 2: Pillow's
+#: writers hold every frame.)
+VIDEO_COPY_FRAMES = 24
+#: Most animations and videos checked at once. Each holds a worker thread of its own while its
+#: chunks wait their turn on the batcher, so they are kept out of the pool still images are
+#: decoded in; more wait (up to ``busy_timeout``) for one to finish.
+MOVING_AT_ONCE = 8
+
+
+def video_limits(settings: Settings) -> VideoLimits:
+    """What an animation or video upload may hold."""
+    return VideoLimits(max_pixels=settings.max_pixels, max_frames=settings.max_frames,
+                       max_duration=settings.max_duration)
+
+
+def _named(message: str, path: Path, label: str) -> str:
+    """``message`` naming the upload instead of its temporary file."""
+    return _clean(message.replace(repr(str(path)), label).replace(str(path), label), label)
+
+
+def _unreadable(fmt: str) -> str:
+    return "unreadable_video" if fmt in VIDEO_FORMATS else "unreadable_image"
+
+
+def _too_large(e: VideoTooLarge, path: Path, label: str) -> ServiceError:
+    return ServiceError(413, _LIMIT_CODES.get(e.limit, "too_many_pixels"), _named(str(e), path, label))
+
+
+def stage(file: IO[bytes], path: Path, fmt: str, label: str, settings: Settings) -> VideoInfo:
+    """Copy an animation or video upload to ``path`` for its decoders, and read its header:
+    frame size, frame count and playing time are checked against the limits before any frame is
+    decoded (:func:`~nsfw_safety.frames.probe`).
+
+    Raises:
+        ServiceError: 413 over a limit (``too_many_pixels``, ``too_many_frames``, ``too_long``),
+            400 unreadable (no video stream, no frames, not the format its bytes announce).
+    """
+    file.seek(0)
+    with open(path, "wb") as out:
+        shutil.copyfileobj(file, out, 1 << 20)
+    try:
+        info = probe(path, video_limits(settings))
+    except VideoTooLarge as e:
+        raise _too_large(e, path, label) from None
+    except VideoError as e:
+        raise ServiceError(400, _unreadable(fmt), _named(str(e), path, label)) from None
+    if (info.kind == "video") != (fmt in VIDEO_FORMATS):
+        raise ServiceError(400, _unreadable(fmt), f"{label} starts as a {fmt} file but does not read as one")
+    return info
+
+
+class _QueuedDetector:
+    """The detector as :func:`~nsfw_safety.video.check_video` sees it for one upload: each chunk
+    of at most ``max_batch_size`` frames is queued on the :class:`Batcher` and scored in its turn
+    by the one scoring thread, between batches of still images."""
+
+    def __init__(self, batcher: Batcher, loop: asyncio.AbstractEventLoop, max_batch_size: int):
+        self.batcher, self.loop, self.max_batch_size = batcher, loop, max_batch_size
+        self.device = batcher.detector.device
+
+    def score(self, pixels: Any, finite: Any = None) -> Scores:
+        """Runs in the upload's worker thread, and waits there for the chunk's scores."""
+        return asyncio.run_coroutine_threadsafe(self.batcher.score_frames(pixels, finite), self.loop).result()
+
+
+def check_moving(path: Path, fmt: str, label: str, guard: SafetyFilter, settings: Settings) -> VideoResult:
+    """Check every frame of an animation or video with :func:`~nsfw_safety.video.check_video`.
+
+    A decoding error after some frames is answered: the file is flagged, with the reason
+    "checked N of M frames, then: <error>". A limit crossed while decoding is not: its header
+    was within the limits (it lied, or had no say, as a GIF's playing time), and the file is
+    refused as if the header had told.
+
+    Raises:
+        ServiceError: 413 a limit crossed while decoding, 400 no frame could be decoded, 503
+            scoring failed.
+    """
+    try:
+        video = check_video(path, guard, limits=video_limits(settings))
+    except VideoTooLarge as e:
+        raise _too_large(e, path, label) from None
+    except VideoError as e:
+        raise ServiceError(400, _unreadable(fmt), _named(str(e), path, label)) from None
+    reason = _named(video.reason, path, label)
+    if video.over_limit is not None:
+        raise ServiceError(413, _LIMIT_CODES.get(video.over_limit, "too_many_pixels"),
+                           f"{reason}; refused while decoding (its header was within the limits, or did not say)")
+    if not video.checked:
+        raise ServiceError(400, _unreadable(fmt), reason)
+    return video
+
+
+def censored_copy(path: Path, video: VideoResult, guard: SafetyFilter, label: str, max_bytes: int) -> bytes:
+    """The censored copy of an upload checked by :func:`check_moving`, in its own format
+    (:func:`~nsfw_safety.frames.write_censored`), as bytes.
+
+    Raises:
+        ServiceError: 413 when the copy is over ``max_bytes``, 500 when it could not be written.
+    """
+    target = path.with_name("censored" + path.suffix)
+    try:
+        write_censored(path, video, target, guard)
+    except (ValueError, OSError) as e:
+        raise ServiceError(500, "censor_failed", _named(f"{label}: the censored copy could not be written "
+                                                        f"({type(e).__name__}: {e})", path, label)) from None
+    size = target.stat().st_size
+    if size > max_bytes:
+        raise ServiceError(413, "censored_too_large",
+                           f"{label}: its censored copy has {size:,} bytes, over the upload limit of {max_bytes:,} "
+                           f"bytes; ask without ?censor= for the verdict")
+    return target.read_bytes()
 
 
 # --- multipart bodies, bounded while they stream ----------------------------------------------
@@ -525,14 +747,23 @@ class RegionBox(BaseModel):
     box: list[float] = Field(description="x1, y1, x2, y2 in the image's pixels")
 
 
+class FrameCount(BaseModel):
+    checked: int = Field(description="frames scored (every frame, unless the check stopped early)")
+    total: int = Field(description="frames in the file")
+    worst: int = Field(description="the frame with the highest score at `level`: `probs` and `parts` are its own")
+
+
 class Result(BaseModel):
     category: Literal["safe", "nsfw"] = Field(description="nsfw when flagged at the level and threshold")
     flagged: bool
-    reason: str = Field(description='why, e.g. "medium 0.83 >= 0.50" or "medium 0.12 < 0.50"')
+    reason: str = Field(description='why, e.g. "medium 0.83 >= 0.50" or "medium 0.12 < 0.50"; for an animation or '
+                                    'video, e.g. "checked 24 of 24 frames; flagged 2: 9-10 (1.12-1.25 s); ..." or '
+                                    '"checked 5 of 24 frames, then: <error>" (flagged)')
     level: str = Field(description="the level the decision was taken at")
     threshold: float
-    levels: dict[str, float] = Field(description="cumulative level scores: neutral, low, medium, high")
-    probs: dict[str, float | None] = Field(description="the model's class probabilities")
+    levels: dict[str, float] = Field(description="cumulative level scores: neutral, low, medium, high; for an "
+                                                 "animation or video, the maximum over its frames")
+    probs: dict[str, float | None] = Field(description="the model's class probabilities (of the worst frame)")
     model: ModelInfo
     parts: list[Part] | None = Field(None, description="with --second-opinion: each model's own scores, in order "
                                                       "(first, second); absent for one model")
@@ -541,19 +772,26 @@ class Result(BaseModel):
     height: int
     regions: list[RegionBox] | None = Field(None, description="region mode only (else null): the regions of a "
                                                               "flagged image that are censored (empty when it is "
-                                                              "censored whole, or passed)")
+                                                              "censored whole, or passed; animations and videos "
+                                                              "are censored whole)")
+    frames: FrameCount | None = Field(None, description="animations and videos only (else null)")
+    flagged_frames: list[tuple[int, int]] | None = Field(
+        None, description="animations and videos only: the flagged frames as inclusive ranges [first, last]")
+    flagged_times: list[tuple[float, float]] | None = Field(
+        None, description="animations and videos only: when each range of flagged_frames is shown, in seconds "
+                          "[first frame's time, last frame's time]")
 
 
 class BatchItem(Result):
-    action: str | None = Field(None, description="with ?censor=: the censoring applied (none: the image passed)")
-    media_type: str | None = Field(None, description="with ?censor=: the image's type, read from its bytes")
-    image: str | None = Field(None, description="with ?censor=: the censored image, base64, in the upload's "
+    action: str | None = Field(None, description="with ?censor=: the censoring applied (none: the file passed)")
+    media_type: str | None = Field(None, description="with ?censor=: the file's type, read from its bytes")
+    image: str | None = Field(None, description="with ?censor=: the censored file, base64, in the upload's "
                                                 "format; null when it passed (use your copy)")
 
 
 class FileError(BaseModel):
     filename: str
-    error: str = Field(description="a stable code, e.g. unreadable_image, unsupported_format, too_many_pixels")
+    error: str = Field(description="a stable code, e.g. unreadable_image, unsupported_format, too_many_frames")
     detail: str = Field(description="what was wrong with this file")
     status: int = Field(description="the HTTP status this file alone would have got")
 
@@ -593,8 +831,11 @@ class Service:
         self.batcher: Batcher | None = None
         self.budget = PixelBudget(settings.max_pixels_in_flight)
         self._loading: asyncio.Task | None = None
+        self._moving = asyncio.Semaphore(MOVING_AT_ONCE)  # animations and videos checked at once
+        self._moving_threads: anyio.CapacityLimiter | None = None  # their threads (made in start)
 
     async def start(self) -> None:
+        self._moving_threads = anyio.CapacityLimiter(MOVING_AT_ONCE)
         if self.detector is not None and (self.regions is not None or self.settings.regions is None):
             self._ready(self.detector)
         else:
@@ -679,13 +920,68 @@ class Service:
             ServiceError: the upload's own 4xx, or 503 when busy or when scoring failed.
         """
         s = self.settings
-        fmt, pixels = await run_in_threadpool(peek, file.file, file.size, label, s)
+        fmt, pixels, moving = await run_in_threadpool(peek, file.file, file.size, label, s)
+        if moving:
+            try:
+                await asyncio.wait_for(self._moving.acquire(), s.busy_timeout)
+            except asyncio.TimeoutError:
+                retry = max(1, math.ceil(s.busy_timeout))
+                raise ServiceError(503, "server_busy",
+                                   f"{label}: the service checks {MOVING_AT_ONCE} animations or videos at once, and "
+                                   f"had no room within {s.busy_timeout:g} s; retry after {retry} s",
+                                   {"Retry-After": str(retry)}) from None
+            try:
+                return await self._answer_moving(file, fmt, label, policy, censor)
+            finally:
+                self._moving.release()
         async with self.budget.reserve(pixels, s.busy_timeout, label):
             image = await run_in_threadpool(decode, file.file, fmt, label, s)
             upload = Upload(file.filename or label, fmt, image)
             [outcome] = await self.require_ready().submit([upload], policy, censor)
             data = None if outcome.image is None else await run_in_threadpool(encode, outcome.image, fmt)
             return Answer(self.result(upload, outcome, policy), outcome.action, _MEDIA[fmt], data)
+
+    async def _answer_moving(self, file: UploadFile, fmt: str, label: str, policy: Policy,
+                             censor: str | None) -> Answer:
+        """Check every frame of an animation or video; censor it on request (see :func:`check_moving`).
+
+        The frames of one chunk and the decoder's own are reserved from the pixel budget while
+        the file is checked; a censored copy then reserves the frames its writer holds.
+        """
+        s = self.settings
+        batcher = self.require_ready()
+        with tempfile.TemporaryDirectory(prefix="nsfw-safety-") as tmp:
+            path = Path(tmp) / ("upload" + _SUFFIXES[fmt])
+            info = await self._in_thread(stage, file.file, path, fmt, label, s)
+            frame = info.width * info.height
+            chunk = min(s.max_batch_size, self.budget.limit // frame - DECODER_FRAMES)
+            if chunk < 1:
+                raise ServiceError(413, "too_many_pixels",
+                                   f"{label} has frames of {info.width}x{info.height}: checking it holds "
+                                   f"{1 + DECODER_FRAMES} frames at once, {(1 + DECODER_FRAMES) * frame:,} pixels, "
+                                   f"over the {self.budget.limit:,} pixels in flight the service allows")
+            queued = _QueuedDetector(batcher, asyncio.get_running_loop(), chunk)
+            guard = SafetyFilter(queued, policy.level, policy.threshold, action=censor or "none", on_error="raise")
+            async with self.budget.reserve(frame * (chunk + DECODER_FRAMES), s.busy_timeout, label):
+                video, result = await self._in_thread(self._check_moving, path, fmt, label, file.filename or label,
+                                                      guard, info, policy)
+            if censor is None or not video.flagged:
+                return Answer(result, "none", _MEDIA[fmt], None)
+            if video.error is not None:
+                raise ServiceError(422, "incomplete_check",
+                                   f"{result['reason']}: no censored copy is made of a file whose check did not "
+                                   f"finish (without ?censor=, the answer is this verdict: flagged)")
+            frames = info.frames + DECODER_FRAMES if info.kind == "animation" else VIDEO_COPY_FRAMES
+            held = frame * frames
+            if held > self.budget.limit:
+                raise ServiceError(413, "censor_too_large",
+                                   f"{label}: writing its censored copy costs {frames} frames of "
+                                   f"{info.width}x{info.height} in flight, {held:,} pixels, over the "
+                                   f"{self.budget.limit:,} pixels the service allows; ask without ?censor= for "
+                                   f"the verdict")
+            async with self.budget.reserve(held, s.busy_timeout, label):
+                data = await self._in_thread(censored_copy, path, video, guard, label, s.max_upload_bytes)
+            return Answer(result, censor, _MEDIA[fmt], data)
 
     def result(self, upload: Upload, outcome: Outcome, policy: Policy) -> dict[str, Any]:
         parts = {"parts": outcome.scores["parts"]} if "parts" in outcome.scores else {}  # a second opinion
@@ -694,7 +990,40 @@ class Service:
                 "levels": outcome.scores["levels"], "probs": outcome.scores["probs"],
                 "model": {"id": self.detector.model_id, "revision": self.detector.revision}, **parts,
                 "filename": upload.name, "width": upload.image.width, "height": upload.image.height,
-                "regions": outcome.regions}
+                "regions": outcome.regions, "frames": None, "flagged_frames": None, "flagged_times": None}
+
+    async def _in_thread(self, fn, *args) -> Any:
+        """``fn(*args)`` in a thread kept for animations and videos; a cancelled request waits for it."""
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._moving_threads)
+
+    def _check_moving(self, path: Path, fmt: str, label: str, name: str, guard: SafetyFilter, info: VideoInfo,
+                      policy: Policy) -> tuple[VideoResult, dict[str, Any]]:
+        """Runs in a worker thread: the check and its result (their reads from the device too)."""
+        video = check_moving(path, fmt, label, guard, self.settings)
+        return video, self.moving_result(name, info, video, policy, path, label)
+
+    def moving_result(self, name: str, info: VideoInfo, video: VideoResult, policy: Policy, path: Path,
+                      label: str) -> dict[str, Any]:
+        """An animation's or video's result: the fields of a still's, ``levels`` the maximum over
+        its frames and ``probs`` (and ``parts``) those of its worst frame, plus the frames checked
+        and the flagged frames as ranges, with their times."""
+        scores = video.scores
+        worst = int(scores.levels[:, LEVELS.index(policy.level)].float().argmax())
+        [row] = scores[[worst]].to_dicts()
+        parts = {"parts": row["parts"]} if "parts" in row else {}
+        ranges = frame_ranges(video.flagged_frames)
+        times = None
+        if video.times is not None:
+            at = dict(zip(video.flagged_frames, video.times))
+            times = [[round(at[a], 4), round(at[b], 4)] for a, b in ranges]
+        return {"category": "nsfw" if video.flagged else "safe", "flagged": video.flagged,
+                "reason": _named(video.reason, path, label), "level": policy.level, "threshold": policy.threshold,
+                "levels": video.levels, "probs": row["probs"],
+                "model": {"id": self.detector.model_id, "revision": self.detector.revision}, **parts,
+                "filename": name, "width": info.width, "height": info.height,
+                "regions": [] if self.regions is not None else None,
+                "frames": {"checked": len(video.checked), "total": video.total, "worst": video.checked[worst]},
+                "flagged_frames": [list(r) for r in ranges], "flagged_times": times}
 
 
 def _label(file: UploadFile, field_name: str) -> str:
@@ -757,6 +1086,10 @@ def create_app(settings: Settings | None = None, *, detector: Detector | None = 
             when the app starts, with the model.
     """
     settings = settings or Settings()
+    videos = [t for t in settings.content_types if FORMATS[t] in VIDEO_FORMATS]
+    if videos and find_spec("av") is None:
+        raise ValueError(f"content_types {', '.join(videos)} need PyAV to decode videos: pip install "
+                         f"'nsfw-safety[video]', or leave them out of --content-types")
     service = Service(settings, detector, regions)
 
     @contextlib.asynccontextmanager
@@ -803,10 +1136,12 @@ def create_app(settings: Settings | None = None, *, detector: Detector | None = 
 
     @router.post("/compute", response_model=Result, responses={
         **_ERRORS, 200: {"content": {m: {} for m in FORMATS},
-                         "description": "JSON scores, or with ?censor= the image (X-NSFW-* headers hold the scores)"}})
-    async def compute(file: UploadFile = File(..., description="the image (PNG, JPEG or WebP)"),
+                         "description": "JSON scores, or with ?censor= the file (X-NSFW-* headers hold the scores)"}})
+    async def compute(file: UploadFile = File(..., description="the image (PNG, JPEG, WebP, GIF), animation "
+                                                               "(GIF, WebP, APNG) or video (MP4, MOV, WebM)"),
                       level: LevelQuery = None, threshold: ThresholdQuery = None, censor: CensorQuery = None):
-        """Score one image; with ``?censor=`` return the image instead, censored when flagged."""
+        """Score one image, animation or video (every frame); with ``?censor=`` return the file instead,
+        censored when flagged (an animation or video: the flagged frames, in its own format)."""
         policy = service.policy(level, threshold)
         answer = await service.answer(file, _label(file, "file"), policy, censor)
         if censor is None:
@@ -815,10 +1150,10 @@ def create_app(settings: Settings | None = None, *, detector: Detector | None = 
         return Response(data, media_type=answer.media_type, headers=_headers(answer.result, answer.action))
 
     @router.post("/compute/batch", response_model=BatchResult, responses=_ERRORS)
-    async def compute_batch(files: list[UploadFile] = File(..., description="the images, in order"),
+    async def compute_batch(files: list[UploadFile] = File(..., description="the files, in order"),
                             level: LevelQuery = None, threshold: ThresholdQuery = None, censor: CensorQuery = None):
-        """Score several images; one entry per file, in upload order: its result, or its error.
-        With ``?censor=``, each result also carries the censored image (base64)."""
+        """Score several files (images, animations, videos); one entry per file, in upload order: its
+        result, or its error. With ``?censor=``, each result also carries the censored file (base64)."""
         policy = service.policy(level, threshold)
         labels = [_label(f, f"files[{i}]") for i, f in enumerate(files)]
         answers = await asyncio.gather(*(service.answer(f, label, policy, censor) for f, label in zip(files, labels)),
@@ -847,6 +1182,7 @@ def create_app(settings: Settings | None = None, *, detector: Detector | None = 
         det, batcher = service.detector, service.batcher
         status = "ok" if batcher is not None else "error" if service.error is not None else "loading"
         sizes = batcher.sizes if batcher else collections.Counter()
+        chunks = batcher.frame_chunks if batcher else collections.Counter()
         return JSONResponse({
             "status": status, "ready": batcher is not None, "error": service.error,
             "model": {"id": det.model_id, "revision": det.revision} if det else None,
@@ -859,6 +1195,7 @@ def create_app(settings: Settings | None = None, *, detector: Detector | None = 
             "pixels_in_flight": {"used": service.budget.used, "limit": service.budget.limit},
             "batches": {"count": sum(sizes.values()), "images": sum(k * v for k, v in sizes.items()),
                         "largest": max(sizes, default=0), "sizes": {str(k): sizes[k] for k in sorted(sizes)}},
+            "frame_chunks": {"count": sum(chunks.values()), "frames": sum(k * v for k, v in chunks.items())},
         }, 503 if status == "error" else 200)
 
     @app.get("/ready", responses={503: {"description": "the model is loading, or failed to load"}})
@@ -895,6 +1232,9 @@ def _headers(result: dict[str, Any], action: str) -> dict[str, str]:
         "X-NSFW-Model": json.dumps(result["model"]["id"])[1:-1],
         "X-NSFW-Revision": result["model"]["revision"] or "",
         **({"X-NSFW-Regions": str(len(result["regions"]))} if result.get("regions") is not None else {}),
+        **({"X-NSFW-Frames": f"{result['frames']['checked']}/{result['frames']['total']}",
+            "X-NSFW-Flagged-Frames": ",".join(str(a) if a == b else f"{a}-{b}" for a, b in result["flagged_frames"])}
+           if result.get("frames") is not None else {}),
     }
 
 
@@ -962,10 +1302,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # unless the CLI did
     try:
         settings, host, port = from_args(args)
+        app = create_app(settings)
     except (TypeError, ValueError) as e:
         log.error("bad server settings: %s", e)
         return 2
     logging.getLogger("nsfw_safety").setLevel(args.log_level.upper())
-    config = uvicorn_config(create_app(settings), settings, host=host, port=port, log_level=args.log_level)
+    config = uvicorn_config(app, settings, host=host, port=port, log_level=args.log_level)
     uvicorn.Server(config).run()
     return 0

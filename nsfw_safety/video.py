@@ -72,6 +72,9 @@ class VideoResult:
         levels: level -> maximum over the checked frames (None if none was scored).
         error: why the check stopped early, or None.
         source: the file's header, for file input.
+        over_limit: the :class:`~nsfw_safety.frames.VideoLimits` field (``"pixels"``,
+            ``"frames"`` or ``"duration"``) that a file crossed while it was decoded, which
+            stopped the check (its header was within the limits, so it lied or gave none); else None.
     """
 
     frames: Any
@@ -87,6 +90,7 @@ class VideoResult:
     levels: dict[str, float] | None
     error: str | None = None
     source: VideoInfo | None = None
+    over_limit: str | None = None
 
     @property
     def censored(self) -> list[int]:
@@ -514,7 +518,7 @@ def _check_file(path, guard: SafetyFilter, sampling: _Sampling, window: int, cen
     select, sampled = sampling.select(info.frames, repr(str(path)))
     frames = read_frames(path, limits=limits, select=select, decoder=decoder, device=device, info=info)
     size = guard.detector.max_batch_size
-    decode_error: list[str] = []
+    decode_error: list[VideoError] = []
     seen = [0]
     times: dict[int, float | None] = {}
 
@@ -530,7 +534,7 @@ def _check_file(path, guard: SafetyFilter, sampling: _Sampling, window: int, cen
                     yield _batch(buffer)
                     buffer = []
         except VideoError as e:
-            decode_error.append(str(e))
+            decode_error.append(e)
         finally:
             frames.close()
         if buffer:  # frames decoded before an error are still checked
@@ -539,10 +543,11 @@ def _check_file(path, guard: SafetyFilter, sampling: _Sampling, window: int, cen
     parts: list[Scores] = []
     checked: list[int] = []
     score_error = _score_chunks(guard, chunks(), parts, checked)
-    error = score_error or (decode_error[0] if decode_error else None)
+    error = score_error or (str(decode_error[0]) if decode_error else None)
+    over_limit = getattr(decode_error[0], "limit", None) if decode_error and not score_error else None
     total = max(info.frames, seen[0])  # a file may hold more frames than its header says
     fields = _verdict(guard, total, checked, [times[i] for i in checked], parts, error, sampled, window, censor)
-    return VideoResult(frames=None, source=info, **fields)
+    return VideoResult(frames=None, source=info, over_limit=over_limit, **fields)
 
 
 def _batch(frames: list) -> tuple[list[int], Any, str | None, _inputs.ValueRange]:
