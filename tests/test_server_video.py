@@ -166,7 +166,8 @@ def test_a_second_opinion_checks_every_frame_too(forced_dirs, tmp_path):
     with serving(cascade) as (client, _):
         body = post(client, path).json()
     assert (body["category"], body["frames"]) == ("safe", {"checked": 5, "total": 5, "worst": 0})
-    assert body["reason"] == "checked 5 of 5 frames; none flagged: medium 0.20 < 0.50"  # the library's video verdict
+    assert body["reason"] == (  # the library's video verdict, naming the model that decided
+        "checked 5 of 5 frames; none flagged: vit20 medium 0.20 < 0.50 (second opinion on eva60 0.60)")
     assert [(p["model"], p["scored"]) for p in body["parts"]] == [("eva60", True), ("vit20", True)]
     assert body["levels"]["medium"] == pytest.approx(0.2, abs=1e-5)
 
