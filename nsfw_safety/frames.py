@@ -173,7 +173,10 @@ def _probe_animation(path: Path, name: str, limits: VideoLimits) -> VideoInfo:
     try:
         with Image.open(path) as im:
             _check_pixels(name, im.width, im.height, limits)
-            n = getattr(im, "n_frames", 1)  # GIF: counted by parsing the file, without decoding
+            try:
+                n = _inputs.frame_count(im)  # counted by parsing the file, without decoding
+            except ValueError as e:  # frames a viewer could show beyond those declared
+                raise VideoError(f"{name}: {e}") from e
             _check_frames(name, n, limits)
             return VideoInfo(path, "animation", im.format, im.width, im.height, n, loop=im.info.get("loop"),
                              default_image=bool(getattr(im, "default_image", False)), fingerprint=fingerprint)

@@ -374,8 +374,8 @@ def open_image(source: str | os.PathLike | IO[bytes], max_pixels: int | None = N
             if frames > 1:
                 hidden = " (one a default image outside the animation)" if getattr(im, "default_image", False) else ""
                 what = "pages" if im.format == "TIFF" else "frames"
-                raise MultiFrameImage(f"{name} is a {im.format} file with {frames} {what}{hidden}; only "
-                                      f"single images are checked until video support lands")
+                raise MultiFrameImage(f"{name} is a {im.format} file with {frames} {what}{hidden}: check it "
+                                      f"frame by frame as a video (nsfw_safety.video.check_video)")
             if _deep_rgb_key(im):
                 raise ValueError(f"{name} is a 16-bit RGB PNG with a transparent colour (tRNS): decoded in 8 "
                                  f"bits, that colour cannot be told apart, so it cannot be checked as shown")
@@ -411,9 +411,44 @@ def frame_count(im: Image.Image) -> int:
     """The frames or pages in an opened file, read without decoding pixels (an APNG's default
     image counts). A JPEG's extra MPF pictures (previews, HDR gain maps, the other half of a
     stereo pair) count as none: viewers show the primary image only."""
+    if im.format == "PNG":
+        _check_apng_frames(im)
     if im.format == "MPO" or not getattr(im, "is_animated", False):
         return 1
     return im.n_frames
+
+
+def _check_apng_frames(im: Image.Image) -> None:
+    """Refuse a PNG that holds more frame control chunks (``fcTL``) than the frame count its
+    ``acTL`` declares: Pillow reads as many frames as declared, and a viewer that plays the
+    chunks it finds would show frames that were never checked. (Fewer chunks than declared is
+    a truncated file: decoding stops at the first missing frame, and that fails the check.)
+
+    Raises:
+        ValueError: naming both counts.
+    """
+    fp, start = im.fp, im.fp.tell()
+    try:
+        fp.seek(8)  # the signature
+        declared, found = None, 0
+        while True:
+            head = fp.read(8)
+            if len(head) < 8:
+                break
+            size, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"acTL":
+                declared = int.from_bytes(fp.read(4), "big")
+                size -= 4
+            elif kind == b"fcTL":
+                found += 1
+            elif kind == b"IEND":
+                break
+            fp.seek(size + 4, os.SEEK_CUR)  # the data and its CRC
+    finally:
+        fp.seek(start)
+    if declared is not None and found > declared:
+        raise ValueError(f"the APNG declares {declared} frames but holds {found} frame control chunks: "
+                         f"a viewer could show frames that would not be checked")
 
 
 # --- PIL images ---------------------------------------------------------------------------------

@@ -157,3 +157,26 @@ def test_corrupted_bytes_never_escape_as_other_errors():
                 open_image(io.BytesIO(data), max_pixels=10_000, name=f"fuzzed.{fmt.lower()}")
             except ValueError as e:
                 assert "fuzzed" in str(e)
+
+
+@pytest.mark.parametrize("declared", [1, 2, 4])
+def test_an_apng_that_misstates_its_frames_is_refused(tmp_path, declared):
+    """An acTL that declares fewer frames than the file's fcTL chunks: Pillow would read the
+    declared ones, a viewer that plays the chunks would show the rest. Refused, never scored."""
+    import zlib
+
+    from nsfw_safety.frames import VideoError, probe
+
+    frames = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(5)]
+    path = tmp_path / "a.png"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+    data = path.read_bytes()
+    assert probe(path).frames == 5  # the honest file is a 5-frame animation
+    i = data.index(b"acTL")
+    body = declared.to_bytes(4, "big") + data[i + 8:i + 12]
+    path.write_bytes(data[:i + 4] + body + zlib.crc32(b"acTL" + body).to_bytes(4, "big") + data[i + 16:])
+    words = f"declares {declared} frames but holds 5 frame control chunks"
+    with pytest.raises(ValueError, match=words):
+        open_image(path)
+    with pytest.raises(VideoError, match=words):
+        probe(path)

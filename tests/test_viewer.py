@@ -342,7 +342,7 @@ def test_multi_frame_files_are_refused(det, tmp_path, name):
     assert Image.open(path).n_frames > 1  # what the test means to write
     for attempt in (lambda: open_image(path), lambda: open_image(io.BytesIO(path.read_bytes()), name="upload"),
                     lambda: det.predict(path), lambda: SafetyFilter(det)([path])):
-        with pytest.raises(MultiFrameImage, match=r"(frames|pages).*only single images are checked"):
+        with pytest.raises(MultiFrameImage, match=r"(frames|pages).*check it frame by frame as a video"):
             attempt()
     assert issubclass(MultiFrameImage, ValueError)
 
