@@ -109,6 +109,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g = scan.add_argument_group("output")
     g.add_argument("--report", type=Path, help=f"report file ({', '.join(FORMATS)}); appended to, and re-runs "
                                                "skip files already in it with the same size and mtime")
+    g.add_argument("--frames-report", type=Path, metavar="PATH.jsonl",
+                   help="also write one JSON line per checked frame of each animation or video (path, size, "
+                        "mtime_ns, frame, time, the level scores, flagged, reason); still images get none. "
+                        "Resumed with --report; without it, each run starts the file afresh")
     g.add_argument("--html", type=Path, help="write a self-contained HTML page for review")
     g.add_argument("--json", action="store_true", help="print a JSON summary on stdout (the text summary goes to stderr)")
     g.add_argument("-q", "--quiet", action="store_true",
@@ -154,7 +158,8 @@ def _check_scan_args(scan: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.engine == "ray":
         if args.out is None:
             scan.error("--engine ray needs --out DIR (its Parquet files)")
-        given = [f"--{n.replace('_', '-')}" for n in ("html", "copy_safe", "move_flagged", "in_place", "force")
+        given = [f"--{n.replace('_', '-')}" for n in ("html", "copy_safe", "move_flagged", "in_place", "force",
+                                                      "frames_report")
                  if getattr(args, n)]
         if given:
             scan.error(f"{', '.join(given)} not available with --engine ray")
@@ -177,10 +182,16 @@ def _check_scan_args(scan: argparse.ArgumentParser, args: argparse.Namespace) ->
             if os.path.isdir(path) and os.path.realpath(path) == os.path.realpath(folder):
                 scan.error(f"--{name.replace('_', '-')} {str(folder)!r} is the scanned folder {path!r}: its "
                            f"outputs would be scanned again; use another folder (one inside it is skipped)")
-    for name in ("report", "html"):
+    for name in ("report", "html", "frames_report"):
         path = getattr(args, name)
         if path is not None and path.is_dir():
-            scan.error(f"--{name} {str(path)!r} is a folder: expected a file")
+            scan.error(f"--{name.replace('_', '-')} {str(path)!r} is a folder: expected a file")
+    if args.frames_report is not None:
+        if FORMATS.get(args.frames_report.suffix.lower()) != "jsonl":
+            scan.error(f"--frames-report {str(args.frames_report)!r} must end in .jsonl or .ndjson")
+        if any(p is not None and os.path.realpath(p) == os.path.realpath(args.frames_report)
+               for p in (args.report, args.html)):
+            scan.error("--frames-report must be a file of its own, not the --report or --html file")
     if args.report is not None and args.report.suffix.lower() not in FORMATS:
         scan.error(f"--report {str(args.report)!r} must end in one of {', '.join(FORMATS)}")
     model = os.path.expanduser(args.model)
@@ -241,7 +252,7 @@ def _scan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, policy=policy, max_pixels=args.max_pixels,
         report=args.report, html=args.html, fail_on_flagged=args.fail_on_flagged, action=args.action,
         out=args.out, copy_safe=args.copy_safe, move_flagged=args.move_flagged, in_place=args.in_place,
-        force=args.force)
+        force=args.force, frames_report=args.frames_report)
     try:
         if args.engine == "ray":
             from .scan.on_ray import scan_on_ray  # imports ray
