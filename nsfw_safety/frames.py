@@ -6,7 +6,8 @@
   frame 0: it is checked like the rest, with time 0 and duration 0.
 * **Videos** (MP4, MOV, WebM, MKV) are decoded with PyAV, whose wheels bundle FFmpeg
   (``pip install nsfw-safety[video]``). With ``decoder="torchcodec"`` they are decoded by
-  torchcodec where it is installed, on the GPU with ``device="cuda"``.
+  torchcodec where it is installed, on the GPU with ``device="cuda"``; it needs FFmpeg's shared
+  libraries, which :func:`link_pyav_ffmpeg` can take from PyAV's wheel.
 * **Limits** (:class:`VideoLimits`) are checked from the header before anything is decoded, and
   again while decoding, since a header can lie.
 * **Censored copies** (:func:`write_censored`) keep the original's format: the frame rate and
@@ -345,29 +346,69 @@ def _torchcodec_frames(info: VideoInfo, select: Select, limits: VideoLimits, dev
                        batch: int = 32) -> Iterator[Frame]:
     """Frames decoded by torchcodec (on ``device``, e.g. CUDA), the selected ones in batches.
 
-    Not covered by the test suite (torchcodec's CUDA decoding needs a GPU and FFmpeg libraries);
-    ``python -m benchmarks.video`` compares it with PyAV where it is installed.
+    torchcodec applies the display rotation itself (0.17). ``select`` and the frames not selected
+    get the nominal time ``index / fps``; the selected frames come with their own timestamps.
     """
     try:
         from torchcodec.decoders import VideoDecoder
     except ImportError as e:
         raise ImportError("decoder='torchcodec' needs torchcodec: pip install torchcodec "
-                          "(and FFmpeg's shared libraries)") from e
-    decoder = VideoDecoder(str(info.path), device=device or "cpu")
+                          "(and FFmpeg's shared libraries: see link_pyav_ffmpeg)") from e
+    try:
+        decoder = VideoDecoder(str(info.path), device=device or "cpu", num_ffmpeg_threads=0)
+    except RuntimeError as e:
+        if not str(e).startswith("Could not load libtorchcodec"):
+            raise
+        raise ImportError("decoder='torchcodec': torchcodec cannot load FFmpeg's shared libraries (versions 4 "
+                          "to 9); PyAV's can serve: see nsfw_safety.frames.link_pyav_ffmpeg") from None
     meta = decoder.metadata
     n, fps = meta.num_frames or info.frames, meta.average_fps or info.fps
     _check_frames(repr(str(info.path)), n, limits)
+    start = meta.begin_stream_seconds or 0.0
     times = [i / fps if fps else None for i in range(n)]
     duration = 1 / fps if fps else None
     wanted = [i for i in range(n) if select(i, times[i])]
     done = 0
-    for start in range(0, len(wanted), batch):
-        part = wanted[start : start + batch]
-        for index, image in zip(part, decoder.get_frames_at(part).data):  # (N, 3, H, W) uint8 on device
+    for first in range(0, len(wanted), batch):
+        part = wanted[first : first + batch]
+        frames = decoder.get_frames_at(part)  # data: (N, 3, H, W) uint8 on the device
+        for index, image, pts, length in zip(part, frames.data, frames.pts_seconds.tolist(),
+                                             frames.duration_seconds.tolist()):
             yield from (Frame(i, times[i], duration) for i in range(done, index))
-            yield Frame(index, times[index], duration, image)
+            yield Frame(index, pts - start, length, image)
             done = index + 1
     yield from (Frame(i, times[i], duration) for i in range(done, n))
+
+
+def link_pyav_ffmpeg(folder: str | os.PathLike) -> Path:
+    """Make PyAV's bundled FFmpeg loadable by torchcodec: ``folder`` gets a link to each library
+    of PyAV's wheel (``av.libs``) under its own name, and to FFmpeg's seven under the names
+    torchcodec asks for (``libavcodec-1a2b3c4d.so.62.28.100`` is also ``libavcodec.so.62``; the
+    others keep only their unique names, so they shadow nothing). Start the process that uses
+    torchcodec with ``LD_LIBRARY_PATH=folder`` (the loader reads it only at start-up).
+
+    Returns:
+        ``folder``, absolute.
+    Raises:
+        FileNotFoundError: PyAV is not installed from a wheel that bundles its libraries.
+    """
+    import re
+
+    av = _import_av()
+    libs = Path(av.__file__).resolve().parent.parent / "av.libs"
+    if not libs.is_dir():
+        raise FileNotFoundError(f"PyAV's bundled libraries are not in {str(libs)!r} (a PyAV built from source "
+                                f"uses the system's FFmpeg, which torchcodec finds by itself)")
+    folder = Path(os.path.abspath(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    for lib in libs.iterdir():
+        soname = re.fullmatch(r"(libav\w+|libsw\w+)-[0-9a-f]{8}(\.so\.\d+).*", lib.name)
+        for name in {lib.name, "".join(soname.groups()) if soname else lib.name}:
+            link = folder / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(lib)
+    return folder
 
 
 # --- censored copies -------------------------------------------------------------------------
