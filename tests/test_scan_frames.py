@@ -10,8 +10,8 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -133,14 +133,14 @@ def test_a_resumed_run_neither_repeats_nor_loses_lines(folder, tmp_path, eva_dir
 
     # nothing changed: every file is skipped, and the frames report is left as it was
     code, out, _ = zygote.run(*argv)
-    assert json.loads(out)["skipped"] == 3 and frames.read_bytes() == first
+    assert code == 1 and json.loads(out)["skipped"] == 3 and frames.read_bytes() == first
 
     # a kill after the MP4's lines were written but before its row; then a torn line
     rows = [r for r in report.read_text().splitlines() if not json.loads(r)["path"].endswith("clip.mp4")]
     report.write_text("".join(r + "\n" for r in rows))
     frames.write_bytes(first + b'{"path": "' + str(root / "anim.gif").encode() + b'", "size": 1')
     code, out, err = zygote.run(*argv)
-    assert (json.loads(out)["scanned"], json.loads(out)["skipped"]) == (1, 2), err
+    assert code == 1 and (json.loads(out)["scanned"], json.loads(out)["skipped"]) == (1, 2), err
     after = lines(frames)  # every line parses: the torn one is gone
     assert sorted(map(json.dumps, after)) == sorted(map(json.dumps, lines_of(first)))
     assert [line for line in after if line["path"].endswith("clip.mp4")] == mp4
@@ -148,7 +148,7 @@ def test_a_resumed_run_neither_repeats_nor_loses_lines(folder, tmp_path, eva_dir
     # a report made without --frames-report: its videos are scanned again to get their lines
     frames.unlink()
     code, out, _ = zygote.run(*argv)
-    assert (json.loads(out)["scanned"], json.loads(out)["skipped"]) == (2, 1)  # the PNG needs no lines
+    assert code == 1 and (json.loads(out)["scanned"], json.loads(out)["skipped"]) == (2, 1)  # the PNG needs no lines
     assert sorted(map(json.dumps, lines(frames))) == sorted(map(json.dumps, lines_of(first)))
 
 

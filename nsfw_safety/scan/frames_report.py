@@ -6,8 +6,8 @@ version of the file it describes), the ``frame`` index, its ``time`` in seconds 
 file gives none), the scores of every level (null for a frame that could not be scored), whether
 the frame is ``flagged`` by its own scores, and the policy's ``reason``.
 
-Durability follows the report's: lines are appended and fsynced batch by batch, before the report
-rows of the same files, so a report row always comes after its file's lines. A run starts by
+Durability follows the report's: a file's lines are appended and fsynced as soon as it is checked,
+before the rows of its batch, so a report row always comes after its file's lines. A run starts by
 keeping only the lines of files whose report row still holds and that it will not score again;
 the rest (lines of files a killed run scored but never recorded, of files scored again, a torn
 last line) are dropped, in one atomic rewrite. A file is skipped only if all its lines are there
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ..vocabulary import LEVELS
 from .files import remove_stale_temps, write_atomic
@@ -32,17 +32,17 @@ FIELDS = ("path", "size", "mtime_ns", "frame", "time", *LEVELS, "flagged", "reas
 Key = tuple[str, int, int]  # (path, size, mtime_ns)
 
 
-def frame_lines(path: str, size: int, mtime_ns: int, result: Any) -> list[dict[str, Any]]:
-    """One line per checked frame of ``result`` (a :class:`~nsfw_safety.video.VideoResult`)."""
+def frame_lines(path: str, size: int, mtime_ns: int, result: Any) -> Iterator[dict[str, Any]]:
+    """One line per checked frame of ``result`` (a :class:`~nsfw_safety.video.VideoResult`), made
+    as they are written: a long video's lines are never all held at once."""
     if result.scores is None:
-        return []
+        return
     levels = result.scores.levels.float().cpu().tolist()
     valid = result.scores.valid.cpu().tolist()
     hit = set(result.flagged_frames)
-    return [{"path": path, "size": size, "mtime_ns": mtime_ns, "frame": i, "time": t,
-             **dict(zip(LEVELS, scores if ok else [None] * len(LEVELS))), "flagged": i in hit, "reason": reason}
-            for i, t, scores, ok, reason in zip(result.checked, result.frame_times, levels, valid,
-                                                result.frame_reasons)]
+    for i, t, scores, ok, reason in zip(result.checked, result.frame_times, levels, valid, result.frame_reasons):
+        yield {"path": path, "size": size, "mtime_ns": mtime_ns, "frame": i, "time": t,
+               **dict(zip(LEVELS, scores if ok else [None] * len(LEVELS))), "flagged": i in hit, "reason": reason}
 
 
 def _key(line: dict[str, Any]) -> Key | None:
@@ -114,14 +114,13 @@ class FramesReport:
             write_atomic(self.path, write, overwrite=True, keep=self.path.stat())
         self._fh = open(self.path, "a", encoding="utf-8")
 
-    def write(self, lines: list[dict[str, Any]]) -> None:
+    def write(self, lines: Iterable[dict[str, Any]]) -> None:
         """Append ``lines`` (from :func:`frame_lines`) and sync them to disk."""
-        if lines:
-            self._fh.write("".join(json.dumps({**line, "path": encode_path(line["path"]),
-                                               "reason": _text(line["reason"])}, ensure_ascii=False) + "\n"
-                                   for line in lines))
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+        for line in lines:
+            self._fh.write(json.dumps({**line, "path": encode_path(line["path"]), "reason": _text(line["reason"])},
+                                      ensure_ascii=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
 
     def close(self) -> None:
         if self._fh is not None:

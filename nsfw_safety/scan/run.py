@@ -22,7 +22,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image
 
@@ -161,7 +161,7 @@ class _Batches:
                  html: HtmlReport | None, tally: _Tally, settings: dict[str, str], frames: FramesReport | None = None):
         self.opts, self.guard, self.report, self.html, self.tally = opts, guard, report, html, tally
         self.settings = settings
-        self.frames, self.frame_lines = frames, []  # per-frame lines, written before the batch's rows
+        self.frames = frames
         self.claimed: set[str] = set()  # quarantine names announced but not yet taken
 
     def __call__(self, decoded: list[_Decoded]) -> None:
@@ -184,7 +184,6 @@ class _Batches:
             elif d.image is None:
                 rows.append(self._row(d.file, status="error", flagged=True, reason=d.error))
         moves = [row for row in rows if self._plan_move(row)]
-        self._write_frames()
         self._write(rows)  # the rows of moved files name their target before anything moves
         fixed = [row for row in moves if not self._move(row)]
         self._write(fixed)
@@ -239,8 +238,8 @@ class _Batches:
         except Exception as e:  # not checked at all: an error row with the reason
             msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             return self._row(f, status="error", flagged=True, reason="error: " + _without_path(msg, f.path)), None
-        if self.frames is not None:
-            self.frame_lines += frame_lines(f.path, f.size, f.mtime_ns, result)
+        if self.frames is not None:  # before the batch's rows: a row always follows its file's lines
+            self._write_frames(frame_lines(f.path, f.size, f.mtime_ns, result))
         info = result.source
         failed = result.error is not None or result.levels is None  # "checked N of M frames, then: ..."
         row = self._row(f, width=info.width, height=info.height, frames=f"{len(result.checked)}/{result.total}",
@@ -314,13 +313,11 @@ class _Batches:
                            reason=f"{row['reason']}; error moving: {e}")
                 return False
 
-    def _write_frames(self) -> None:
-        lines, self.frame_lines = self.frame_lines, []
-        if self.frames is not None:
-            try:
-                self.frames.write(lines)
-            except OSError as e:
-                raise ScanError(f"cannot write the frames report {str(self.frames.path)!r}: {e.strerror or e}") from e
+    def _write_frames(self, lines: Iterable[dict[str, Any]]) -> None:
+        try:
+            self.frames.write(lines)
+        except OSError as e:
+            raise ScanError(f"cannot write the frames report {str(self.frames.path)!r}: {e.strerror or e}") from e
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         if self.report is None or not rows:
