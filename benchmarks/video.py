@@ -10,8 +10,9 @@ Rows (medians of ``--repeats`` runs after one warm-up):
   path alone, in batches of ``--batch``.
 * ``check_video`` on an H.264 MP4 file of ``F`` frames at S x S: decoding plus scoring.
 * decoding alone, ms per frame: PyAV to RGB (what the check does), PyAV without the RGB
-  conversion, and torchcodec on the CPU and on CUDA where it is installed (the hook for
-  comparing decoders: ``frames.read_frames(..., decoder="torchcodec", device=...)``).
+  conversion, and torchcodec to RGB on the CPU and on CUDA where it is installed and loads
+  (``frames.read_frames(..., decoder="torchcodec", device=...)``); to give it PyAV's FFmpeg, run
+  with ``LD_LIBRARY_PATH=$(python -c "from nsfw_safety.frames import link_pyav_ffmpeg as f; print(f('.ffmpeg'))")``.
 
 Weights are random (throughput does not depend on them); the machine's load average is printed
 with the results, since a shared machine's numbers move with it.

@@ -28,7 +28,7 @@ from . import __version__
 from .options import REGION_FLAGS, SECOND_OPINION_FLAGS, check_regions, check_second_opinion
 from .scan import DEFAULT_MAX_PIXELS, EXIT_ERROR, EXIT_INTERRUPTED, ScanError
 from .scan.reports import FORMATS
-from .scan.walk import IMAGE_EXTENSIONS
+from .scan.walk import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .vocabulary import (ACTIONS, BANDLESS, DEFAULT_ACTION, DEFAULT_LEVEL, DEFAULT_MODEL, DEFAULT_THRESHOLD,
                          MIN_SCORE, NSFW_LEVELS, SHAPES, check_threshold, level_index)
 
@@ -86,8 +86,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     scan = sub.add_parser(
         "scan", help="scan files and folders of images, write a report and censored copies",
-        description=f"Scan images ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}; first frame of a gif) "
-                    "in files and folders (recursively). Exit codes: 0 all clean, 1 some flagged, "
+        description=f"Scan images ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}) and videos "
+                    f"({', '.join(e.lstrip('.') for e in VIDEO_EXTENSIONS)}) in files and folders (recursively); "
+                    "every frame of an animation or video is checked. Exit codes: 0 all clean, 1 some flagged, "
                     "2 errors, 130 interrupted.")
     scan.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders to scan")
     g = scan.add_argument_group("model")
@@ -114,6 +115,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g = scan.add_argument_group("output")
     g.add_argument("--report", type=Path, help=f"report file ({', '.join(FORMATS)}); appended to, and re-runs "
                                                "skip files already in it with the same size and mtime")
+    g.add_argument("--frames-report", type=Path, metavar="PATH.jsonl",
+                   help="also write one JSON line per checked frame of each animation or video (path, size, "
+                        "mtime_ns, frame, time, the level scores, flagged, reason); still images get none. "
+                        "Resumed with --report; without it, each run starts the file afresh")
     g.add_argument("--html", type=Path, help="write a self-contained HTML page for review")
     g.add_argument("--json", action="store_true", help="print a JSON summary on stdout (the text summary goes to stderr)")
     g.add_argument("-q", "--quiet", action="store_true",
@@ -167,7 +172,8 @@ def _check_scan_args(scan: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.engine == "ray":
         if args.out is None:
             scan.error("--engine ray needs --out DIR (its Parquet files)")
-        given = [f"--{n.replace('_', '-')}" for n in ("html", "copy_safe", "move_flagged", "in_place", "force")
+        given = [f"--{n.replace('_', '-')}" for n in ("html", "copy_safe", "move_flagged", "in_place", "force",
+                                                      "frames_report")
                  if getattr(args, n)]
         if given:
             scan.error(f"{', '.join(given)} not available with --engine ray")
@@ -190,10 +196,16 @@ def _check_scan_args(scan: argparse.ArgumentParser, args: argparse.Namespace) ->
             if os.path.isdir(path) and os.path.realpath(path) == os.path.realpath(folder):
                 scan.error(f"--{name.replace('_', '-')} {str(folder)!r} is the scanned folder {path!r}: its "
                            f"outputs would be scanned again; use another folder (one inside it is skipped)")
-    for name in ("report", "html"):
+    for name in ("report", "html", "frames_report"):
         path = getattr(args, name)
         if path is not None and path.is_dir():
-            scan.error(f"--{name} {str(path)!r} is a folder: expected a file")
+            scan.error(f"--{name.replace('_', '-')} {str(path)!r} is a folder: expected a file")
+    if args.frames_report is not None:
+        if FORMATS.get(args.frames_report.suffix.lower()) != "jsonl":
+            scan.error(f"--frames-report {str(args.frames_report)!r} must end in .jsonl or .ndjson")
+        if any(p is not None and os.path.realpath(p) == os.path.realpath(args.frames_report)
+               for p in (args.report, args.html)):
+            scan.error("--frames-report must be a file of its own, not the --report or --html file")
     if args.report is not None and args.report.suffix.lower() not in FORMATS:
         scan.error(f"--report {str(args.report)!r} must end in one of {', '.join(FORMATS)}")
     _check_region_args(scan, args)
@@ -316,6 +328,7 @@ def _scan(args: argparse.Namespace) -> int:
         report=args.report, html=args.html, fail_on_flagged=args.fail_on_flagged, action=args.action,
         out=args.out, copy_safe=args.copy_safe, move_flagged=args.move_flagged, in_place=args.in_place,
         force=args.force, second_opinion=args.second_opinion, band=args.band, combine=args.combine,
+        frames_report=args.frames_report,
         **{f.dest: getattr(args, f.dest) for f in REGION_FLAGS if getattr(args, f.dest) is not None})
     try:
         if args.engine == "ray":

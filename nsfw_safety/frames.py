@@ -6,12 +6,13 @@
   frame 0: it is checked like the rest, with time 0 and duration 0.
 * **Videos** (MP4, MOV, WebM, MKV) are decoded with PyAV, whose wheels bundle FFmpeg
   (``pip install nsfw-safety[video]``). With ``decoder="torchcodec"`` they are decoded by
-  torchcodec where it is installed, on the GPU with ``device="cuda"``.
+  torchcodec where it is installed, on the GPU with ``device="cuda"``; it needs FFmpeg's shared
+  libraries, which :func:`link_pyav_ffmpeg` can take from PyAV's wheel.
 * **Limits** (:class:`VideoLimits`) are checked from the header before anything is decoded, and
   again while decoding, since a header can lie.
 * **Censored copies** (:func:`write_censored`) keep the original's format: the frame rate and
-  every frame's timestamp for videos, with the audio copied packet for packet; the frame
-  durations and loop count for animations. They are written to a temporary file beside the
+  every frame's timestamp for videos, with the audio copied packet for packet; every frame, its
+  duration and the loop count for animations (identical neighbours are not merged). They are written to a temporary file beside the
   target and linked into place, so a killed process leaves no half-written file, and neither the
   input nor an existing file is ever overwritten (unless ``overwrite=True`` for the latter).
 
@@ -21,6 +22,7 @@ length of the video.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -357,29 +359,69 @@ def _torchcodec_frames(info: VideoInfo, select: Select, limits: VideoLimits, dev
                        batch: int = 32) -> Iterator[Frame]:
     """Frames decoded by torchcodec (on ``device``, e.g. CUDA), the selected ones in batches.
 
-    Not covered by the test suite (torchcodec's CUDA decoding needs a GPU and FFmpeg libraries);
-    ``python -m benchmarks.video`` compares it with PyAV where it is installed.
+    torchcodec applies the display rotation itself (0.17). ``select`` and the frames not selected
+    get the nominal time ``index / fps``; the selected frames come with their own timestamps.
     """
     try:
         from torchcodec.decoders import VideoDecoder
     except ImportError as e:
         raise ImportError("decoder='torchcodec' needs torchcodec: pip install torchcodec "
-                          "(and FFmpeg's shared libraries)") from e
-    decoder = VideoDecoder(str(info.path), device=device or "cpu")
+                          "(and FFmpeg's shared libraries: see link_pyav_ffmpeg)") from e
+    try:
+        decoder = VideoDecoder(str(info.path), device=device or "cpu", num_ffmpeg_threads=0)
+    except RuntimeError as e:
+        if not str(e).startswith("Could not load libtorchcodec"):
+            raise
+        raise ImportError("decoder='torchcodec': torchcodec cannot load FFmpeg's shared libraries (versions 4 "
+                          "to 9); PyAV's can serve: see nsfw_safety.frames.link_pyav_ffmpeg") from None
     meta = decoder.metadata
     n, fps = meta.num_frames or info.frames, meta.average_fps or info.fps
     _check_frames(repr(str(info.path)), n, limits)
+    start = meta.begin_stream_seconds or 0.0
     times = [i / fps if fps else None for i in range(n)]
     duration = 1 / fps if fps else None
     wanted = [i for i in range(n) if select(i, times[i])]
     done = 0
-    for start in range(0, len(wanted), batch):
-        part = wanted[start : start + batch]
-        for index, image in zip(part, decoder.get_frames_at(part).data):  # (N, 3, H, W) uint8 on device
+    for first in range(0, len(wanted), batch):
+        part = wanted[first : first + batch]
+        frames = decoder.get_frames_at(part)  # data: (N, 3, H, W) uint8 on the device
+        for index, image, pts, length in zip(part, frames.data, frames.pts_seconds.tolist(),
+                                             frames.duration_seconds.tolist()):
             yield from (Frame(i, times[i], duration) for i in range(done, index))
-            yield Frame(index, times[index], duration, image)
+            yield Frame(index, pts - start, length, image)
             done = index + 1
     yield from (Frame(i, times[i], duration) for i in range(done, n))
+
+
+def link_pyav_ffmpeg(folder: str | os.PathLike) -> Path:
+    """Make PyAV's bundled FFmpeg loadable by torchcodec: ``folder`` gets a link to each library
+    of PyAV's wheel (``av.libs``) under its own name, and to FFmpeg's seven under the names
+    torchcodec asks for (``libavcodec-1a2b3c4d.so.62.28.100`` is also ``libavcodec.so.62``; the
+    others keep only their unique names, so they shadow nothing). Start the process that uses
+    torchcodec with ``LD_LIBRARY_PATH=folder`` (the loader reads it only at start-up).
+
+    Returns:
+        ``folder``, absolute.
+    Raises:
+        FileNotFoundError: PyAV is not installed from a wheel that bundles its libraries.
+    """
+    import re
+
+    av = _import_av()
+    libs = Path(av.__file__).resolve().parent.parent / "av.libs"
+    if not libs.is_dir():
+        raise FileNotFoundError(f"PyAV's bundled libraries are not in {str(libs)!r} (a PyAV built from source "
+                                f"uses the system's FFmpeg, which torchcodec finds by itself)")
+    folder = Path(os.path.abspath(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    for lib in libs.iterdir():
+        soname = re.fullmatch(r"(libav\w+|libsw\w+)-[0-9a-f]{8}(\.so\.\d+).*", lib.name)
+        for name in {lib.name, "".join(soname.groups()) if soname else lib.name}:
+            link = folder / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(lib)
+    return folder
 
 
 # --- censored copies -------------------------------------------------------------------------
@@ -399,8 +441,8 @@ def write_censored(source: str | os.PathLike, result: Any, target: str | os.Path
     Returns:
         ``target``. Videos keep their container, codec (re-encoded; frames not censored are
         re-encoded from their decoded pixels, without an RGB round trip), every frame's
-        timestamp, and their audio (copied packet for packet). Animations keep their frame
-        durations and loop count (WebP is written lossless).
+        timestamp, and their audio (copied packet for packet). Animations keep every frame
+        (identical neighbours too), its duration and the loop count (WebP is written lossless).
     Raises:
         ValueError: the result is not for this file, the file changed since it was checked, the
             check did not finish (no copy is made of frames never checked), or a bad target.
@@ -480,21 +522,118 @@ def _write_animation(info: VideoInfo, actions: dict[int, str], tmp: Path, guard:
     images, durations = [], []
     for frame in read_frames(info.path, info=info):
         images.append(frame.image)
-        durations.append(round(frame.duration * 1000))
+        durations.append(frame.duration * 1000)  # ms; an APNG's may be fractions
     index = [i for i in range(len(images)) if actions.get(i, "none") != "none"]
     if index:
         for i, image in zip(index, censor_frames([images[i] for i in index], [actions[i] for i in index], guard)):
             images[i] = image
-    options: dict[str, Any] = {"save_all": True, "append_images": images[1:]}
-    if info.default_image:
-        options["default_image"] = True
+    if info.format == "GIF":
+        _save_gif(images, durations, info.loop, tmp)
+    elif info.format == "WEBP":
+        _save_webp(images, durations, 0 if info.loop is None else info.loop, tmp)
+    else:
+        _save_apng(images, durations, info.loop, info.default_image, tmp)
+
+
+# Pillow's multi-frame writers merge a frame identical to the one before into it (summing their
+# durations): a clip censored to black would come out as one frame. GIF and libwebp have no option
+# against it, so those two files are assembled here from Pillow's single-frame encodings; Pillow's
+# APNG writer only merges frames with the same disposal, so it gets alternating ones.
+
+def _save_apng(images: list[Image.Image], durations: list[float], loop: int | None, default_image: bool,
+               tmp: Path) -> None:
+    """Every frame kept: consecutive frames alternate between disposals NONE and BACKGROUND.
+
+    Pillow encodes each frame against the previous canvas after its disposal, so what a viewer
+    sees does not change; frames are written with blend SOURCE (Pillow's default).
+    """
+    from PIL.PngImagePlugin import Disposal
+
+    if default_image:
         durations = durations[1:]  # the default image has no place in the timeline
-    options["duration"] = durations
-    if info.loop is not None:
-        options["loop"] = info.loop
-    if info.format == "WEBP":
-        options["lossless"] = True
-    images[0].save(tmp, format=info.format, **options)
+    disposal = [Disposal.OP_BACKGROUND if i % 2 else Disposal.OP_NONE for i in range(len(durations))]
+    options: dict[str, Any] = {"default_image": default_image} if default_image else {}
+    if loop is not None:
+        options["loop"] = loop
+    images[0].save(tmp, format="PNG", save_all=True, append_images=images[1:], duration=durations,
+                   disposal=disposal, **options)
+
+
+def _gif_blocks(data: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
+    """A GIF's (signature + screen descriptor, global colour table, [(label, block)]), where an
+    extension's label is its byte after ``!`` and an image's is ``,`` (block: descriptor to data)."""
+    screen, pos = data[:13], 13
+    flags = data[10]
+    table = data[pos : pos + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)]
+    pos += len(table)
+    blocks = []
+    while data[pos : pos + 1] not in (b";", b""):
+        start = pos
+        if data[pos : pos + 1] == b"!":
+            label, pos = data[pos + 1 : pos + 2], pos + 2
+        else:
+            image_flags = data[pos + 9]
+            label, pos = b",", pos + 10 + (3 << ((image_flags & 7) + 1) if image_flags & 0x80 else 0) + 1
+        while data[pos]:  # data sub-blocks, up to the empty one
+            pos += data[pos] + 1
+        pos += 1
+        blocks.append((label, data[start:pos]))
+    return screen, table, blocks
+
+
+def _save_gif(images: list[Image.Image], durations: list[float], loop: int | None, tmp: Path) -> None:
+    """An animated GIF of full-canvas frames, each with its own colour table and its duration
+    (in the format's 10 ms steps); each is disposed to the background, so its transparent pixels
+    show nothing of the frame before, as in the frames decoded."""
+    with open(tmp, "wb") as out:
+        for i, (image, duration) in enumerate(zip(images, durations)):
+            encoded = io.BytesIO()
+            image.save(encoded, format="GIF", duration=round(duration), disposal=2, interlace=False)
+            screen, table, blocks = _gif_blocks(encoded.getvalue())
+            if i == 0:
+                out.write(b"GIF89a" + screen[6:] + table)
+                if loop is not None:
+                    out.write(b"!\xff\x0bNETSCAPE2.0\x03\x01" + loop.to_bytes(2, "little") + b"\x00")
+            for label, block in blocks:
+                if label == b"\xf9":  # the graphic control extension: duration, disposal, transparency
+                    out.write(block)
+                elif label == b",":
+                    if i and not block[9] & 0x80:  # its colours were the global table: make them local
+                        block = block[:9] + bytes([block[9] | 0x80 | (screen[10] & 7)]) + table + block[10:]
+                    out.write(block)
+        out.write(b";")
+
+
+def _riff_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """A RIFF file's chunks as (fourcc, the whole chunk with its header and padding)."""
+    pos = 12
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        end = pos + 8 + size + (size & 1)
+        yield data[pos : pos + 4], data[pos:end]
+        pos = end
+
+
+def _save_webp(images: list[Image.Image], durations: list[float], loop: int, tmp: Path) -> None:
+    """An animated WebP of full-canvas lossless frames, each replacing the canvas (no blending, no
+    disposal) for its duration in ms; the frames are Pillow's still encodings."""
+    width, height = images[0].size
+    alpha = any(image.has_transparency_data for image in images)
+    body = [b"VP8X" + (10).to_bytes(4, "little") + bytes([0x12 if alpha else 0x02, 0, 0, 0])
+            + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little"),
+            b"ANIM" + (6).to_bytes(4, "little") + bytes(4) + loop.to_bytes(2, "little")]
+    for image, duration in zip(images, durations):
+        encoded = io.BytesIO()
+        image.save(encoded, format="WEBP", lossless=True, exact=True)
+        bitstream = b"".join(chunk for fourcc, chunk in _riff_chunks(encoded.getvalue())
+                             if fourcc in (b"ALPH", b"VP8 ", b"VP8L"))
+        header = (bytes(6) + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+                  + round(duration).to_bytes(3, "little") + b"\x02")  # at (0, 0); do not blend, do not dispose
+        frame = header + bitstream  # of even length: the chunks it holds are padded
+        body.append(b"ANMF" + len(frame).to_bytes(4, "little") + frame)
+    data = b"".join(body)
+    with open(tmp, "wb") as out:
+        out.write(b"RIFF" + (len(data) + 4).to_bytes(4, "little") + b"WEBP" + data)
 
 
 def _write_video(info: VideoInfo, actions: dict[int, str], tmp: Path, guard: Any, chunk: int = 32) -> None:

@@ -65,6 +65,7 @@ class VideoResult:
         checked: indices of the frames scored, ascending.
         scores: their :class:`Scores`, one row per ``checked`` frame (None if none was scored).
         frame_reasons: the policy's reason for each checked frame.
+        frame_times: when each checked frame is shown, in seconds (None where unknown).
         flagged_frames: indices of the flagged frames.
         times: when each flagged frame is shown, in seconds (None without timing: in-memory
             frames without ``frame_rate``).
@@ -84,6 +85,7 @@ class VideoResult:
     checked: list[int]
     scores: Scores | None
     frame_reasons: list[str]
+    frame_times: list[float | None]
     flagged_frames: list[int]
     times: list[float] | None
     actions: dict[int, str]
@@ -240,7 +242,7 @@ def _verdict(guard: SafetyFilter, total: int, checked: list[int], times: list[fl
     return dict(flagged=bool(flagged_frames) or error is not None, reason=reason, total=total, checked=checked,
                 scores=scores, frame_reasons=frame_reasons, flagged_frames=flagged_frames,
                 times=flagged_times if all(t is not None for t in flagged_times) else None,
-                actions=actions, levels=levels, error=error)
+                actions=actions, levels=levels, error=error, frame_times=list(times))
 
 
 def _top(scores: Scores) -> Scores:

@@ -63,6 +63,7 @@ def test_every_frame_of_an_animation_is_checked_with_its_time(detector, tmp_path
     result = check_video(path, guard)
     assert result.checked == list(range(6)) and result.flagged_frames == expected
     assert result.times == pytest.approx([frames[i].time for i in expected])
+    assert result.frame_times == pytest.approx([f.time for f in frames])
     assert result.frames is None and result.source == info
     assert result.reason.startswith(f"checked 6 of 6 frames; flagged {len(expected)}: ")
 

@@ -1,5 +1,6 @@
-"""Small animations and videos written by the tests: Pillow writes GIF, WebP and APNG; PyAV
-writes MP4, MOV and WebM (H.264, VP9), with an audio track when asked."""
+"""Small animations and videos written by the tests: Pillow writes GIF, WebP and APNG (so does
+PyAV, keeping identical consecutive frames); PyAV writes MP4, MOV and WebM (H.264, VP9), with an
+audio track when asked."""
 
 from __future__ import annotations
 
@@ -30,6 +31,37 @@ def write_animation(path: Path, frames: list[Image.Image], durations: list[int],
     if path.suffix == ".webp":
         options.setdefault("lossless", True)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, **options)
+    return path
+
+
+#: FFmpeg's muxer, encoder, pixel format, loop option and time base for each animation suffix.
+_FFMPEG_ANIMATIONS = {".gif": ("gif", "gif", "rgb8", "loop", 100), ".webp": ("webp", "libwebp", "bgra", "loop", 1000),
+                      ".png": ("apng", "apng", "rgba", "plays", 1000)}
+
+
+def write_animation_ffmpeg(path: Path, frames: list[np.ndarray], durations: list[int], loop: int = 0) -> Path:
+    """An animated GIF, WebP or APNG written by FFmpeg (PyAV), which keeps identical consecutive
+    frames (Pillow's writers merge them). ``frames``: (H, W, 3) uint8 RGB (or RGBA
+    for WebP and APNG); ``durations`` in ms (GIF: multiples of 10); the muxer decides the last frame's duration. GIF colours are reduced
+    to 3-3-2 bits."""
+    import av
+
+    muxer, codec, pix_fmt, loop_option, rate = _FFMPEG_ANIMATIONS[path.suffix]
+    with av.open(str(path), "w", format=muxer, options={loop_option: str(loop)}) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = pix_fmt
+        stream.codec_context.time_base = Fraction(1, rate)
+        if codec == "libwebp":
+            stream.codec_context.options = {"lossless": "1"}
+        pts = 0
+        for frame, duration in zip(frames, durations):
+            out = av.VideoFrame.from_ndarray(frame, format="rgba" if frame.shape[2] == 4 else "rgb24")
+            out = out.reformat(format=pix_fmt)
+            out.pts, out.time_base = pts, Fraction(1, rate)
+            pts += duration * rate // 1000
+            container.mux(stream.encode(out))
+        container.mux(stream.encode())
     return path
 
 

@@ -4,6 +4,7 @@
 * ``run``: one scan: decode in threads, score batch by batch with ``SafetyFilter``, act, report.
 * ``outputs``: censored copies, safe copies, in-place overwrites, the quarantine.
 * ``reports``: CSV / JSONL rows, their settings, the lock, resuming.
+* ``frames_report``: the optional JSONL of every checked frame of animations and videos.
 * ``html``: the review page and the thumbnails kept between runs.
 * ``files``: the one atomic-write helper, and the temporary files it names.
 

@@ -23,7 +23,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from PIL import Image
 
@@ -40,6 +40,7 @@ from ..vocabulary import BANDLESS, DEFAULT_ACTION, DEFAULT_MODEL, MIN_SCORE, SHA
 from . import DEFAULT_MAX_PIXELS, EXIT_CLEAN, EXIT_ERROR, EXIT_FLAGGED, EXIT_INTERRUPTED, ScanError
 from . import outputs
 from .files import remove_stale_temps
+from .frames_report import FramesReport, frame_lines
 from .html import HtmlReport, ThumbStore
 from .reports import (COLUMNS, SECOND_OPINION, SETTINGS, ReportLock, ReportWriter, check_settings, encode_path,
                       frames_parts, latest_rows, models_text, read_report)
@@ -84,6 +85,7 @@ class ScanOptions:
     region_expand: float | Mapping[str, float] = 0.0
     region_shape: str = SHAPES[0]
     region_feather: float = 0.0
+    frames_report: Path | None = None
 
 
 def rules_text(policy: Policy) -> str:
@@ -212,9 +214,10 @@ class _Batches:
     """Scores decoded files batch by batch and acts on them; owns the rows' order on disk."""
 
     def __init__(self, opts: ScanOptions, guard: SafetyFilter | None, report: ReportWriter | None,
-                 html: HtmlReport | None, tally: _Tally, settings: dict[str, str]):
+                 html: HtmlReport | None, tally: _Tally, settings: dict[str, str], frames: FramesReport | None = None):
         self.opts, self.guard, self.report, self.html, self.tally = opts, guard, report, html, tally
         self.settings = settings
+        self.frames = frames
         self.claimed: set[str] = set()  # quarantine names announced but not yet taken
 
     def __call__(self, decoded: list[_Decoded]) -> None:
@@ -295,6 +298,8 @@ class _Batches:
         except Exception as e:  # not checked at all: an error row with the reason
             msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             return self._row(f, status="error", flagged=True, reason="error: " + _without_path(msg, f.path)), None
+        if self.frames is not None:  # before the batch's rows: a row always follows its file's lines
+            self._write_frames(frame_lines(f.path, f.size, f.mtime_ns, result))
         info = result.source
         failed = result.error is not None or result.levels is None  # "checked N of M frames, then: ..."
         row = self._row(f, width=info.width, height=info.height, frames=f"{len(result.checked)}/{result.total}",
@@ -375,6 +380,12 @@ class _Batches:
                 row.update(status="error", flagged=True, moved_to="", action="+".join(actions) or "none",
                            reason=f"{row['reason']}; error moving: {e}")
                 return False
+
+    def _write_frames(self, lines: Iterable[dict[str, Any]]) -> None:
+        try:
+            self.frames.write(lines)
+        except OSError as e:
+            raise ScanError(f"cannot write the frames report {str(self.frames.path)!r}: {e.strerror or e}") from e
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         if self.report is None or not rows:
@@ -508,7 +519,7 @@ def scan(opts: ScanOptions, progress: Callable[[int], Any] | None = None) -> dic
     report_path = Path(opts.report) if opts.report is not None else None
     thumbs = ThumbStore(f"{report_path}.thumbs") if report_path is not None else None
     exclude = [p for p in (opts.out, opts.move_flagged, thumbs and thumbs.folder) if p is not None]
-    lock = writer = html = None
+    lock = writer = html = frames = None
     try:
         if report_path is not None:
             try:
@@ -532,15 +543,28 @@ def scan(opts: ScanOptions, progress: Callable[[int], Any] | None = None) -> dic
                     del previous[path]  # the move did not happen: the file is scanned again
         files = list(walk([str(p) for p in opts.paths], [str(p) for p in exclude]))
         settings = settings or _settings(opts, resolved=bool(files))
+        if opts.frames_report is not None:
+            try:
+                frames = FramesReport(opts.frames_report)
+            except (OSError, ValueError) as e:
+                raise ScanError(f"cannot use the frames report {str(opts.frames_report)!r}: {e}") from e
 
         skipped, todo = [], []
         for f in files:
             old = previous.get(f.path)
             if (old is not None and old["status"] != "error" and not old["moved_to"]
-                    and (old["size"], old["mtime_ns"]) == (f.size, f.mtime_ns)):
+                    and (old["size"], old["mtime_ns"]) == (f.size, f.mtime_ns)
+                    and (frames is None or frames.complete(old))):  # a file lacking frame lines is redone
                 skipped.append(old)
             else:
                 todo.append(f)
+        if frames is not None:
+            redo = {f.path for f in todo}
+            try:  # the lines of files scored again, or never recorded in the report, go
+                frames.start(lambda key: key[0] not in redo and key[0] in previous
+                             and (previous[key[0]]["size"], previous[key[0]]["mtime_ns"]) == key[1:])
+            except OSError as e:
+                raise ScanError(f"cannot write the frames report {str(opts.frames_report)!r}: {e.strerror or e}") from e
 
         t0 = time.perf_counter()
         guard = None
@@ -562,7 +586,7 @@ def scan(opts: ScanOptions, progress: Callable[[int], Any] | None = None) -> dic
             tally.add(row, skipped=True)
             if html is not None:
                 html.add(row, None)
-        batches = _Batches(opts, guard, writer, html, tally, settings)
+        batches = _Batches(opts, guard, writer, html, tally, settings, frames)
         interrupted = False
         t1 = time.perf_counter()
         try:
@@ -597,6 +621,8 @@ def scan(opts: ScanOptions, progress: Callable[[int], Any] | None = None) -> dic
             html.close()
         if writer is not None:
             writer.close()
+        if frames is not None:
+            frames.close()
         if lock is not None:
             lock.release()
 
