@@ -58,6 +58,32 @@ class FilterResult:
         return any(self.flagged)
 
 
+@dataclass(frozen=True)
+class Censored:
+    """What :meth:`SafetyFilter.censor` did to a batch.
+
+    Attributes:
+        images: the batch with its censored images replaced, restored to the input's kind
+            (``Prepared.restore``).
+        actions: the censoring applied per image: the actions given, except in region-only mode,
+            where a searched image with no region is passed (``"none"``) and one the region
+            detector could not check is blacked out (``"black"``).
+        regions: per image, the regions it was censored in (``Region(label, score, box)``, the box
+            in input pixels); empty for an image censored whole, passed, or not searched.
+        masks: image index -> its region mask (H, W), float32 in [0, 1] on the pixels' device,
+            for the images censored in their regions (with action ``"none"``: where it would apply).
+        notes: per image, what the region search found, for its reason: ``""`` (not searched),
+            ``"regions: BUTTOCKS_EXPOSED 0.58"``, ``"no region of exposed at or above threshold:
+            censored whole"`` or ``"region detector failed: RuntimeError: ...: censored whole"``.
+    """
+
+    images: Any
+    actions: list[str]
+    regions: list[list[Region]]
+    masks: dict[int, torch.Tensor]
+    notes: list[str]
+
+
 class SafetyFilter:
     """Score images and censor those that cross the line.
 
@@ -85,6 +111,7 @@ class SafetyFilter:
             threshold, or that the region detector could not check, is censored whole: never
             passed. With ``detector=None``, region-only mode: an image is flagged when a chosen
             region is found (and blacked out when the region detector could not check it).
+            Video frames are censored by the same :meth:`censor` (``nsfw_safety.video``).
     Raises:
         ValueError, TypeError: a bad rule or censor setting, when the filter is built.
     """
@@ -168,8 +195,7 @@ class SafetyFilter:
             reasons, actions = [f"error: {type(e).__name__}: {e}"] * n, ["black"] * n
         if self.regions is not None:
             return self._with_regions(images, prepared, scores, flagged, reasons, actions, failed, censored_range)
-        out = self._censor(prepared, actions, censored_range)
-        return FilterResult(out, flagged, scores, reasons, actions)
+        return FilterResult(self.censor(prepared, actions, censored_range).images, flagged, scores, reasons, actions)
 
     def _censor(self, prepared: _inputs.Prepared, actions: list[str], censored_range,
                 done: dict[int, torch.Tensor] | None = None, keep: dict[int, torch.Tensor] | None = None) -> Any:
@@ -193,27 +219,39 @@ class SafetyFilter:
         kept = [keep.get(i) for i in index] if keep else None
         return prepared.restore(index, [done[i] for i in index], censored_range, kept)
 
-    def _with_regions(self, images: Any, prepared: _inputs.Prepared, scores: Scores | None,
-                      flagged: list[bool] | None, reasons: list[str] | None, actions: list[str] | None,
-                      failed: list[bool], censored_range) -> FilterResult:
-        """Region mode: find the regions of the flagged images that were checked (of every image
-        without a classifier), censor inside their masks, and censor the rest of the flagged
-        images whole.
+    def censor(self, prepared: _inputs.Prepared, actions: Sequence[str],
+               censored_range: _inputs.ValueRange | None = None, *, search: Sequence[int] = ()) -> Censored:
+        """Censor a prepared batch: the images of ``search`` inside their regions (region mode),
+        every other image whose action is not ``"none"`` whole. The one censoring path of still
+        images and video frames.
 
-        Host syncs beyond the classifier's one read, per chunk of such images: the region
-        detector's (its input handed to onnxruntime, and its NMS, whose shapes depend on the
-        data), the selection's (a boolean index), and one read of the selected boxes for the
-        result. Images that are passed never reach the region detector.
+        Args:
+            prepared: from :func:`nsfw_safety.inputs.prepare`, on this filter's device.
+            actions: one per image: ``"blur"``, ``"black"``, ... or ``"none"`` (left as it is).
+            censored_range: value range of the censored images in the output (float input only).
+            search: indices of the images to look for regions in (region mode only; ignored
+                without it). Give the images judged unsafe, never those whose check failed:
+                those are censored whole. An image searched in which no chosen region reaches its
+                threshold, or that the region detector could not check, is censored whole with
+                its action (in region-only mode: passed, or blacked out).
+        Returns:
+            :class:`Censored`.
+        Raises:
+            Whatever the region detector raised, with ``on_error="raise"``.
+
+        Host syncs beyond the caller's, per chunk of searched images: the region detector's (its
+        input handed to onnxruntime, and its NMS, whose shapes depend on the data), the
+        selection's (a boolean index), and one read of the selected boxes for the result.
         """
         n = len(prepared)
-        region_only = flagged is None
-        if region_only:
-            flagged, reasons, actions = [False] * n, [""] * n, ["none"] * n
-        candidates = [i for i in range(n) if region_only or (flagged[i] and not failed[i])]
+        actions = list(actions)
         found: list[list[Region]] = [[] for _ in range(n)]
+        notes = [""] * n
         masks: dict[int, torch.Tensor] = {}
         done: dict[int, torch.Tensor] = {}
-        for chunk in _chunks(prepared, candidates):
+        region_only = self.detector is None
+        search = sorted(search) if self.regions is not None else []
+        for chunk in _chunks(prepared, search):
             pixels = prepared.select(chunk)
             groups = [(chunk, pixels)] if isinstance(pixels, torch.Tensor) else \
                 [([i], p[None]) for i, p in zip(chunk, pixels)]  # mixed sizes: one call per image
@@ -224,39 +262,57 @@ class SafetyFilter:
                 except Exception as e:
                     if self.on_error == "raise":
                         raise
-                    log.exception("region detection failed; censoring %d flagged images whole", len(index))
+                    log.exception("region detection failed; censoring %d images whole", len(index))
                     located, rows = None, [[] for _ in index]
                     problems = (f"region detector failed: {type(e).__name__}: {e}",) * len(index)
                 boxed = []
                 for j, (i, row, problem) in enumerate(zip(index, rows, problems)):
-                    found[i] = row if not problem else []
-                    if region_only:
-                        flagged[i] = bool(row) or problem is not None
-                        actions[i] = "black" if problem else self.action if row else "none"
-                        reasons[i] = problem or (self._region_reason(row[0]) if row else
-                                                 f"no region of {self._classes} at or above threshold")
-                    elif problem:
-                        reasons[i] += f"; {problem}: censored whole"
+                    if problem:  # fail closed: censored whole (in region-only mode: blacked out)
+                        notes[i] = problem if region_only else f"{problem}: censored whole"
+                        actions[i] = "black" if region_only else actions[i]
                     elif not row:
-                        reasons[i] += f"; no region of {self._classes} at or above threshold: censored whole"
+                        notes[i] = f"no region of {self._classes} at or above threshold"
+                        if region_only:
+                            actions[i] = "none"
+                        else:
+                            notes[i] += ": censored whole"
                     else:
-                        reasons[i] += "; regions: " + _summary(row)
-                    if row and not problem:
+                        found[i], notes[i] = row, "regions: " + _summary(row)
                         boxed.append(j)
                 if not boxed:
                     continue
                 chosen = located.take(boxed)
                 mask = region_mask(chosen, shape=self.regions.shape, feather=self.regions.feather)
                 masks.update(zip([index[j] for j in boxed], mask))
-                if self.action != "none":
-                    c = self.censoring
-                    out = censor_regions(_rgba(batch[boxed]), mask, self.action, regions=chosen,
+                c = self.censoring
+                for action in sorted({actions[index[j]] for j in boxed} - {"none"}):
+                    sub = [k for k, j in enumerate(boxed) if actions[index[j]] == action]
+                    every = len(sub) == len(boxed)  # one action: the usual case, no re-indexing
+                    out = censor_regions(_rgba(batch[[boxed[k] for k in sub]]), mask if every else mask[sub],
+                                         action, regions=chosen if every else chosen.take(sub),
                                          blur_strength=c.blur_strength, block=c.block, color=c.color,
                                          placeholder=c.placeholder)
-                    done.update(zip([index[j] for j in boxed], out))
+                    done.update(zip([index[boxed[k]] for k in sub], out))
         keep = {i: m == 0 for i, m in masks.items() if i in done}
-        out = self._censor(prepared, actions, censored_range, done, keep)
-        return FilterResult(out, flagged, scores, reasons, actions, found, _masks(images, prepared, flagged, masks))
+        return Censored(self._censor(prepared, actions, censored_range, done, keep), actions, found, masks, notes)
+
+    def _with_regions(self, images: Any, prepared: _inputs.Prepared, scores: Scores | None,
+                      flagged: list[bool] | None, reasons: list[str] | None, actions: list[str] | None,
+                      failed: list[bool], censored_range) -> FilterResult:
+        """Region mode on still images: :meth:`censor` searches the flagged images that were
+        checked (every image without a classifier), and their reasons say what it found.
+        Images that are passed never reach the region detector."""
+        n = len(prepared)
+        if flagged is None:  # region-only: every image is searched, and the regions decide
+            done = self.censor(prepared, [self.action] * n, censored_range, search=range(n))
+            flagged = [a != "none" or bool(r) for a, r in zip(done.actions, done.regions)]
+            reasons = [self._region_reason(r[0]) if r else note for r, note in zip(done.regions, done.notes)]
+        else:
+            done = self.censor(prepared, actions, censored_range,
+                               search=[i for i in range(n) if flagged[i] and not failed[i]])
+            reasons = [f"{r}; {note}" if note else r for r, note in zip(reasons, done.notes)]
+        return FilterResult(done.images, flagged, scores, reasons, done.actions, done.regions,
+                            _masks(images, prepared, flagged, done.masks))
 
     @property
     def _classes(self) -> str:

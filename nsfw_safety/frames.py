@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -430,6 +430,10 @@ def write_censored(source: str | os.PathLike, result: Any, target: str | os.Path
                    overwrite: bool = False, max_bytes: int = 2 << 30) -> Path:
     """Write a copy of ``source`` with the frames ``result`` censors censored, in the same format.
 
+    In region mode (``guard.regions``) each censored frame is censored in the regions found in
+    its own pixels, whole where none is found; frames whose check failed (``result.failed``) are
+    filled whole.
+
     Args:
         source: the checked file.
         result: its :class:`nsfw_safety.video.VideoResult` (from ``check_video(source, guard)``).
@@ -463,13 +467,14 @@ def write_censored(source: str | os.PathLike, result: Any, target: str | os.Path
     if target.exists() and not overwrite:
         raise FileExistsError(f"target {str(target)!r} exists (pass overwrite=True to replace it)")
     actions = dict(result.actions)
+    failed = frozenset(result.failed)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
     os.close(fd)
     try:
         if info.kind == "animation":
-            _write_animation(info, actions, Path(tmp), guard, max_bytes)
+            _write_animation(info, actions, Path(tmp), guard, max_bytes, failed)
         else:
-            _write_video(info, actions, Path(tmp), guard)
+            _write_video(info, actions, Path(tmp), guard, failed=failed)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:
@@ -497,22 +502,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def censor_frames(images: list[Any], actions: list[str], guard: Any) -> list[Any]:
+def censor_frames(images: list[Any], actions: list[str], guard: Any, *, search: Sequence[int] = ()) -> list[Any]:
     """Censor decoded frames with ``guard``'s censoring: the one censor and restore path.
 
     Args:
         images: PIL images, or (H, W, 3) uint8 arrays of one size.
         actions: one per image (``"blur"``, ``"black"``, ...; ``"none"`` leaves it).
+        search: region mode: the images to censor in their regions (see
+            :meth:`~nsfw_safety.SafetyFilter.censor`); the others are censored whole.
     Returns:
         The images, censored ones replaced, in the same kind (PIL mode, array dtype).
     """
+    return list(censor_decoded(images, actions, guard, search=search).images)
+
+
+def censor_decoded(images: list[Any], actions: list[str], guard: Any, *, search: Sequence[int] = ()) -> Any:
+    """:func:`censor_frames`, with what region mode found: a :class:`~nsfw_safety.filter.Censored`
+    (``images`` in the input's kind, ``regions`` and ``notes`` per image)."""
     batch = np.stack(images) if isinstance(images[0], np.ndarray) else images
     prepared = _inputs.prepare(batch, layout="BHWC" if isinstance(batch, np.ndarray) else None,
                                device=guard.detector.device)
-    return list(guard._censor(prepared, actions, None))
+    return guard.censor(prepared, actions, search=search)
 
 
-def _write_animation(info: VideoInfo, actions: dict[int, str], tmp: Path, guard: Any, max_bytes: int) -> None:
+def _write_animation(info: VideoInfo, actions: dict[int, str], tmp: Path, guard: Any, max_bytes: int,
+                     failed: frozenset[int] = frozenset()) -> None:
     if info.format not in ANIMATION_WRITERS:
         raise ValueError(f"cannot write a censored {info.format} animation (only {', '.join(ANIMATION_WRITERS)})")
     need = info.frames * info.width * info.height * 4
@@ -525,7 +539,9 @@ def _write_animation(info: VideoInfo, actions: dict[int, str], tmp: Path, guard:
         durations.append(frame.duration * 1000)  # ms; an APNG's may be fractions
     index = [i for i in range(len(images)) if actions.get(i, "none") != "none"]
     if index:
-        for i, image in zip(index, censor_frames([images[i] for i in index], [actions[i] for i in index], guard)):
+        search = [k for k, i in enumerate(index) if i not in failed]
+        for i, image in zip(index, censor_frames([images[i] for i in index], [actions[i] for i in index], guard,
+                                                 search=search)):
             images[i] = image
     if info.format == "GIF":
         _save_gif(images, durations, info.loop, tmp)
@@ -636,7 +652,8 @@ def _save_webp(images: list[Image.Image], durations: list[float], loop: int, tmp
         out.write(b"RIFF" + (len(data) + 4).to_bytes(4, "little") + b"WEBP" + data)
 
 
-def _write_video(info: VideoInfo, actions: dict[int, str], tmp: Path, guard: Any, chunk: int = 32) -> None:
+def _write_video(info: VideoInfo, actions: dict[int, str], tmp: Path, guard: Any, chunk: int = 32,
+                 failed: frozenset[int] = frozenset()) -> None:
     av = _import_av()
     with av.open(str(info.path)) as src, av.open(str(tmp), "w", format=_MUXERS.get(info.path.suffix.lower())) as dst:
         vin = src.streams.video[0]
@@ -657,7 +674,8 @@ def _write_video(info: VideoInfo, actions: dict[int, str], tmp: Path, guard: Any
             if index:
                 # censored as shown (a placeholder card stays upright), stored as before
                 rgb = [_upright(pending[i][1].to_ndarray(format="rgb24"), rotation) for i in index]
-                censored = censor_frames(rgb, [actions[pending[i][0]] for i in index], guard)
+                censored = censor_frames(rgb, [actions[pending[i][0]] for i in index], guard,
+                                         search=[k for k, i in enumerate(index) if pending[i][0] not in failed])
                 for i, image in zip(index, censored):
                     old = pending[i][1]
                     image = _upright(image, rotation, back=True)

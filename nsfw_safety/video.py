@@ -17,9 +17,11 @@ and blur as for still images. A video's verdict is the maximum over its checked 
 * **Temporal window:** ``window=k`` censors the k frames either side of each flagged frame, so a
   censored region does not flicker in and out. When frames were skipped by sampling, a flagged
   frame also censors the unchecked frames up to the checked frames on either side of it.
-* **Censoring:** the flagged frames (and their window), or the whole clip with ``censor="clip"``.
-  In-memory frames come back in the same kind, layout, dtype and device; files get a censored
-  copy from :func:`nsfw_safety.frames.write_censored`.
+* **Censoring:** the flagged frames (and their window), or the whole clip with ``censor="clip"``,
+  by ``guard.censor``, the still images' path: in region mode each censored frame is censored in
+  the regions found in its own pixels (a frame censored for a flagged neighbour too), and whole
+  when none is found or the region detector fails. In-memory frames come back in the same kind,
+  layout, dtype and device; files get a censored copy from :func:`nsfw_safety.frames.write_censored`.
 * **Fail closed:** a file that cannot be opened raises (nothing was checked); a decoding error
   or a stream that ends early after some frames flags the file, with the reason "checked N of M
   frames, then: <error>", and so does a scoring error (with ``on_error="block"``). Frames with
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -41,6 +43,7 @@ from .detector import Scores
 from .filter import SafetyFilter
 from .frames import VideoError, VideoInfo, VideoLimits, probe, read_frames, write_censored
 from .levels import LEVELS, NOT_SCORED, Parts
+from .regions.detector import Region
 
 __all__ = ["CENSOR", "VideoBatchResult", "VideoResult", "check_video", "check_videos", "frame_ranges",
            "write_censored"]
@@ -76,6 +79,16 @@ class VideoResult:
         over_limit: the :class:`~nsfw_safety.frames.VideoLimits` field (``"pixels"``,
             ``"frames"`` or ``"duration"``) that a file crossed while it was decoded, which
             stopped the check (its header was within the limits, so it lied or gave none); else None.
+        failed: indices of the frames whose check failed (non-finite values or scores) or never
+            happened (after ``error``): filled with ``color`` whole, never searched for regions.
+        regions: region mode, frames in memory (else None): censored frame index -> the regions
+            it was censored in, found in its own pixels (empty: censored whole). Files are
+            censored, and their regions found, when :func:`write_censored` writes the copy.
+        region_reasons: with ``regions``: censored frame index -> what the region search found
+            (``"regions: BUTTOCKS_EXPOSED 0.58"``, ``"no region of exposed at or above threshold:
+            censored whole"``, ``"region detector failed: ...: censored whole"``), prefixed with
+            ``"in the window of a flagged frame; "`` (or ``"in a flagged clip; "``) for a frame
+            censored for a neighbour. Failed frames have none.
     """
 
     frames: Any
@@ -93,6 +106,9 @@ class VideoResult:
     error: str | None = None
     source: VideoInfo | None = None
     over_limit: str | None = None
+    failed: list[int] = field(default_factory=list)
+    regions: dict[int, list[Region]] | None = None
+    region_reasons: dict[int, str] | None = None
 
     @property
     def censored(self) -> list[int]:
@@ -238,11 +254,13 @@ def _verdict(guard: SafetyFilter, total: int, checked: list[int], times: list[fl
         spread = range(total) if censor == "clip" else _window(total, checked, flags, window)
         actions = {i: "black" if i in blocked else guard.action for i in spread}
     if error is not None:  # the frames after the last one checked are failed checks: filled
-        actions.update({i: "black" for i in range(checked[-1] + 1 if checked else 0, total)})
+        unchecked = range(checked[-1] + 1 if checked else 0, total)
+        actions.update({i: "black" for i in unchecked})
+        blocked.update(unchecked)
     return dict(flagged=bool(flagged_frames) or error is not None, reason=reason, total=total, checked=checked,
                 scores=scores, frame_reasons=frame_reasons, flagged_frames=flagged_frames,
                 times=flagged_times if all(t is not None for t in flagged_times) else None,
-                actions=actions, levels=levels, error=error, frame_times=list(times))
+                actions=actions, levels=levels, error=error, frame_times=list(times), failed=sorted(blocked))
 
 
 def _top(scores: Scores) -> Scores:
@@ -395,7 +413,7 @@ def check_video(video: Any, guard: SafetyFilter, *, every: int | None = None, fp
             no video stream, no frames, over a limit from its header).
         TypeError, ValueError: bad frames or arguments (nothing is returned unchecked).
     """
-    sampling = _check_options(every, fps, max_frames, window, censor)
+    sampling = _check_options(guard, every, fps, max_frames, window, censor)
     if isinstance(video, (str, os.PathLike)):
         return _check_file(video, guard, sampling, window, censor, limits, decoder, device)
     return _check_memory(video, False, guard, sampling, window, censor, frame_rate, value_range, layout).videos[0]
@@ -418,7 +436,7 @@ def check_videos(videos: Any, guard: SafetyFilter, *, every: int | None = None, 
         :class:`VideoBatchResult`: the censored batch in the input's kind, and one
         :class:`VideoResult` per video.
     """
-    sampling = _check_options(every, fps, max_frames, window, censor)
+    sampling = _check_options(guard, every, fps, max_frames, window, censor)
     return _check_memory(videos, True, guard, sampling, window, censor, frame_rate, value_range, layout)
 
 
@@ -441,12 +459,15 @@ def _check_memory(videos: Any, batched: bool, guard: SafetyFilter, sampling: _Sa
         raise TypeError(f"frames must be a tensor, numpy array or list, got {type(videos).__name__}"
                         + (" (a file: use check_video)" if isinstance(videos, (str, os.PathLike)) else ""))
     found = [_check_frames(videos, v, guard, sampling, window, censor, frame_rate, value_range) for v in parts]
-    out = _censored_copy(videos, parts, found, guard, value_range)
+    out = _censored_copy(videos, parts, found, guard, value_range, censor)
     results = [VideoResult(frames=out[b] if batched else out, **fields) for b, fields in enumerate(found)]
     return VideoBatchResult(out, results)
 
 
-def _check_options(every, fps, max_frames, window, censor) -> _Sampling:
+def _check_options(guard, every, fps, max_frames, window, censor) -> _Sampling:
+    if guard.detector is None:
+        raise TypeError("a video is checked by a SafetyFilter with a classifier (region-only mode, "
+                        "detector=None, checks still images only)")
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an integer >= 0, got {window!r}")
     if censor not in CENSOR:
@@ -489,9 +510,14 @@ def _check_frames(videos: Any, video: _Video, guard: SafetyFilter, sampling: _Sa
     return _verdict(guard, video.n, checked, [times[i] for i in checked], parts, error, sampled, window, censor)
 
 
-def _censored_copy(videos: Any, parts: list[_Video], found: list[dict], guard: SafetyFilter, value_range) -> Any:
-    """The input with every censored frame replaced, censored in chunks; the input itself when
-    nothing is censored."""
+def _censored_copy(videos: Any, parts: list[_Video], found: list[dict], guard: SafetyFilter, value_range,
+                   censor: str) -> Any:
+    """The input with every censored frame replaced, censored in chunks by ``guard.censor``; the
+    input itself when nothing is censored. In region mode, each video's ``found`` gets the regions
+    of its censored frames, and its reason a summary of them."""
+    if guard.regions is not None:
+        for fields in found:
+            fields.update(regions={}, region_reasons={})
     if not any(f["actions"] for f in found):
         return videos
     if isinstance(videos, torch.Tensor):
@@ -502,14 +528,34 @@ def _censored_copy(videos: Any, parts: list[_Video], found: list[dict], guard: S
         out = [list(v) for v in videos] if isinstance(videos[0], list) else list(videos)
     size = guard.detector.max_batch_size
     for video, fields in zip(parts, found):
-        actions = fields["actions"]
+        actions, failed, flagged = fields["actions"], set(fields["failed"]), set(fields["flagged_frames"])
         index = sorted(actions)
         for start in range(0, len(index), size):
             chunk = index[start : start + size]
             prepared = _inputs.prepare(video.take(videos, chunk), layout=video.layout, value_range=value_range,
                                        device=guard.detector.device)
-            video.put(out, chunk, guard._censor(prepared, [actions[i] for i in chunk], None))
+            done = guard.censor(prepared, [actions[i] for i in chunk],
+                                search=[k for k, i in enumerate(chunk) if i not in failed])
+            video.put(out, chunk, done.images)
+            if fields.get("regions") is not None:
+                for i, row, note in zip(chunk, done.regions, done.notes):
+                    if note:
+                        neighbour = "" if i in flagged else \
+                            "in the window of a flagged frame; " if censor == "frames" else "in a flagged clip; "
+                        fields["regions"][i], fields["region_reasons"][i] = row, neighbour + note
+        if fields.get("regions"):
+            fields["reason"] += _regions_text(fields["regions"], fields["region_reasons"])
     return out
+
+
+def _regions_text(regions: dict[int, list[Region]], reasons: dict[int, str]) -> str:
+    """``"; 2 of 3 frames censored in their regions; frame 42: no region of ...: censored whole"``."""
+    whole = [i for i in sorted(regions) if not regions[i]]
+    text = f"; {len(regions) - len(whole)} of {len(regions)} frames censored in their regions"
+    if whole:
+        more = f" (+{len(whole) - 1} more whole)" if len(whole) > 1 else ""
+        text += f"; frame {whole[0]}: {reasons[whole[0]]}{more}"
+    return text
 
 
 # --- files ------------------------------------------------------------------------------------------

@@ -263,7 +263,8 @@ def test_resume_with_other_region_settings_is_refused(tree, tmp_path, eva_nsfw_d
     assert code == 2 and "this run asks for" in err and "--regions faces" in err
 
 
-def test_animations_are_censored_whole_and_say_so(tmp_path, eva_nsfw_dir, capsys):
+def test_animation_frames_without_a_region_are_censored_whole_and_say_so(tmp_path, eva_nsfw_dir, capsys):
+    """Frames with regions: tests/test_region_video.py."""
     from videos import pictures, write_animation
 
     root, out, report = tmp_path / "in", tmp_path / "out", tmp_path / "r.jsonl"
@@ -274,7 +275,7 @@ def test_animations_are_censored_whole_and_say_so(tmp_path, eva_nsfw_dir, capsys
     assert code == 1, err
     row = rows_by_name(report)["anim.gif"]
     assert row["regions"] == [] and row["action"] == "black"  # no region censored: never claimed
-    assert row["reason"].endswith("; region mode does not search animations and videos: their frames are "
+    assert row["reason"].endswith("; first flagged frame 0: no region of exposed at or above threshold: "
                                   "censored whole")
     assert row["frames"] == "3/3"
     with Image.open(out / "anim.gif") as gif:  # (Pillow merges identical frames: one black frame of 300 ms)

@@ -30,7 +30,7 @@ from PIL import Image
 from ..cascade import second_opinion
 from ..detector import load_detector
 from ..filter import SafetyFilter
-from ..frames import VideoLimits, censor_frames, read_frames
+from ..frames import VideoLimits, censor_decoded, read_frames
 from ..frames import write_censored as write_censored_video
 from ..inputs import MultiFrameImage, open_image
 from ..levels import LEVELS, NSFW_LEVELS, Policy
@@ -305,11 +305,15 @@ class _Batches:
         row = self._row(f, width=info.width, height=info.height, frames=f"{len(result.checked)}/{result.total}",
                         status="error" if failed else ("flagged" if result.flagged else "ok"),
                         flagged=result.flagged, reason=result.reason, **(result.levels or {}))
-        if self.guard.regions is not None:  # check_video censors frames whole: no region is searched
-            row["regions"] = []
-            if result.flagged:
-                row["reason"] += ("; region mode does not search animations and videos: their frames are "
-                                  "censored whole")
+        # the first flagged frame, censored as the copy censors it: the poster, and the row's regions
+        first = self._first_flagged(f, result) if result.flagged and not failed and (
+            self.html is not None or self.guard.regions is not None) else None
+        if self.guard.regions is not None:
+            row["regions"] = [r.to_dict() for r in first.regions[0]] if first is not None else []
+            if first is not None and first.notes[0]:
+                row["reason"] += f"; first flagged frame {result.flagged_frames[0]}: {first.notes[0]}"
+            elif first is None and result.flagged and not failed:
+                row["reason"] += f"; frame {result.flagged_frames[0]} could not be read back for its regions"
         if result.scores is not None and result.scores.parts is not None:  # each model's max over its frames
             row["parts"] = frames_parts(result.scores.parts.to_dicts())
             row["models"] = models_text(row["parts"])
@@ -329,27 +333,41 @@ class _Batches:
             row.update(status="error", flagged=True, reason=f"{row['reason']}; error writing output: {e}",
                        _stays=True)
         row["action"] = "+".join(done) or "none"
-        poster = self._poster(f, result) if self.html is not None and row["status"] != "error" else None
+        poster = self._poster(f, result, first) if self.html is not None and row["status"] != "error" else None
         return row, poster
 
-    def _poster(self, f: Found, result: Any) -> Image.Image | None:
-        """The frame the page shows: the first flagged frame censored (None when the action
-        censors nothing: an uncensored flagged frame is never shown), or the first frame."""
-        index = result.flagged_frames[0] if result.flagged else 0
-        action = result.actions.get(index, "none")
-        if result.flagged and action == "none":
-            return None
+    def _first_flagged(self, f: Found, result: Any) -> Any:
+        """The first flagged frame, censored by the filter as the ``--out`` copy censors it (in
+        region mode: in its own regions, unless its check failed): a ``Censored`` of one image,
+        or None when the frame cannot be read back."""
+        index = result.flagged_frames[0]
         try:
-            frames = read_frames(f.path, select=lambda i, t: i == index, info=result.source)
-            try:
-                image = next(fr.image for fr in frames if fr.index == index)
-            finally:
-                frames.close()
-            if result.flagged:
-                image = censor_frames([image], [action], self.guard)[0]
-            return image if isinstance(image, Image.Image) else Image.fromarray(image)
+            image = self._frame(f, result, index)
+            search = [0] if index not in result.failed else []
+            return censor_decoded([image], [result.actions.get(index, "none")], self.guard, search=search)
         except Exception:  # the row stands; the page shows no thumbnail
             return None
+
+    def _frame(self, f: Found, result: Any, index: int) -> Any:
+        frames = read_frames(f.path, select=lambda i, t: i == index, info=result.source)
+        try:
+            return next(fr.image for fr in frames if fr.index == index)
+        finally:
+            frames.close()
+
+    def _poster(self, f: Found, result: Any, first: Any) -> Image.Image | None:
+        """The frame the page shows: ``first``, the first flagged frame censored (None when the
+        action censors nothing: an uncensored flagged frame is never shown), or the first frame."""
+        if result.flagged:
+            if first is None or result.actions.get(result.flagged_frames[0], "none") == "none":
+                return None
+            image = first.images[0]
+        else:
+            try:
+                image = self._frame(f, result, 0)
+            except Exception:  # the row stands; the page shows no thumbnail
+                return None
+        return image if isinstance(image, Image.Image) else Image.fromarray(image)
 
     def _plan_move(self, row: dict[str, Any]) -> bool:
         """Name the quarantine target of a flagged or unreadable file in its row."""
