@@ -89,6 +89,9 @@ class VideoResult:
             censored whole"``, ``"region detector failed: ...: censored whole"``), prefixed with
             ``"in the window of a flagged frame; "`` (or ``"in a flagged clip; "``) for a frame
             censored for a neighbour. Failed frames have none.
+        masks: with ``regions``: censored frame index -> its region mask (H, W), float32 in
+            [0, 1] on the detector's device, for the frames censored in their regions (with
+            action ``"none"``: where it would apply); the other censored frames were censored whole.
     """
 
     frames: Any
@@ -109,6 +112,7 @@ class VideoResult:
     failed: list[int] = field(default_factory=list)
     regions: dict[int, list[Region]] | None = None
     region_reasons: dict[int, str] | None = None
+    masks: dict[int, torch.Tensor] | None = None
 
     @property
     def censored(self) -> list[int]:
@@ -514,10 +518,10 @@ def _censored_copy(videos: Any, parts: list[_Video], found: list[dict], guard: S
                    censor: str) -> Any:
     """The input with every censored frame replaced, censored in chunks by ``guard.censor``; the
     input itself when nothing is censored. In region mode, each video's ``found`` gets the regions
-    of its censored frames, and its reason a summary of them."""
+    of its censored frames, their masks, and its reason a summary of them."""
     if guard.regions is not None:
         for fields in found:
-            fields.update(regions={}, region_reasons={})
+            fields.update(regions={}, region_reasons={}, masks={})
     if not any(f["actions"] for f in found):
         return videos
     if isinstance(videos, torch.Tensor):
@@ -543,6 +547,7 @@ def _censored_copy(videos: Any, parts: list[_Video], found: list[dict], guard: S
                         neighbour = "" if i in flagged else \
                             "in the window of a flagged frame; " if censor == "frames" else "in a flagged clip; "
                         fields["regions"][i], fields["region_reasons"][i] = row, neighbour + note
+                fields["masks"].update((chunk[k], m) for k, m in done.masks.items())
         if fields.get("regions"):
             fields["reason"] += _regions_text(fields["regions"], fields["region_reasons"])
     return out
