@@ -89,12 +89,16 @@ def report(result: FilterResult, detector: Detector, level: str, threshold: floa
                "levels": s.get("levels"), "probs": s.get("probs"), "problem": s.get("problem"),
                **({"parts": s["parts"]} if "parts" in s else {})}  # a second opinion: each model's scores
               for i, (flagged, reason, act, s) in enumerate(rows)]
-    ranges = lambda keep: [list(r) for r in frame_ranges([i for i, k in enumerate(keep) if k])]  # noqa: E731
     return json.dumps({"model": detector.model_id, "level": level, "threshold": threshold, "action": action,
-                       "window": window, "any_flagged": result.any_flagged,
-                       "flagged_frames": ranges(result.flagged),
-                       "censored_frames": ranges([a in HIDING_ACTIONS for a in result.actions]),
+                       "window": window, "any_flagged": result.any_flagged, **_frames(result),
                        "images": images}, allow_nan=False)
+
+
+def _frames(result: FilterResult) -> dict[str, list[list[int]]]:
+    """The batch as frames: ``flagged_frames`` and ``censored_frames`` as inclusive index ranges."""
+    ranges = lambda keep: [list(r) for r in frame_ranges([i for i, k in enumerate(keep) if k])]  # noqa: E731
+    return {"flagged_frames": ranges(result.flagged),
+            "censored_frames": ranges([a in HIDING_ACTIONS for a in result.actions])}
 
 
 def flag_mask(result: FilterResult, images: torch.Tensor) -> torch.Tensor:
@@ -149,16 +153,40 @@ def guard_frames(images: torch.Tensor, detector: Detector, level: str, threshold
     """
     _check(images, detector)
     management.activate(detector)
-    video = check_video(images, SafetyFilter(detector, level, threshold, action=action), window=window,
-                        layout="FHWC")
+    return check_frames(images, SafetyFilter(detector, level, threshold, action=action), window)
+
+
+def check_frames(images: torch.Tensor, guard: SafetyFilter, window: int) -> FilterResult:
+    """:func:`check_video` on a checked IMAGE batch as the frames of one video, as a ``FilterResult``
+    (the filter and region filter nodes' one path for frames).
+
+    Args:
+        images: (F, H, W, C) float32 in [0, 1]; ``guard`` has a classifier.
+    Returns:
+        one entry per frame. In region mode, ``regions`` per frame and ``masks`` (F, H, W)
+        float32 in [0, 1] on the images' device: each censored frame's region mask, 1 over a
+        frame censored whole, 0 over the frames left as they were.
+    """
+    video = check_video(images, guard, window=window, layout="FHWC")
     hit = set(video.flagged_frames)
     n = video.total
     actions = [video.actions.get(i, _NO_ACTION) for i in range(n)]
     reasons = video.frame_reasons if len(video.frame_reasons) == n else [video.reason] * n
-    reasons = [r + f"; censored: within {window} frames of a flagged frame" if a in HIDING_ACTIONS and i not in hit else r
-               for i, (r, a) in enumerate(zip(reasons, actions))]
+    notes = video.region_reasons or {}  # region mode: what the search found, neighbours named
+    reasons = [f"{r}; {notes[i]}" if i in notes else
+               r + f"; censored: within {window} frames of a flagged frame" if a in HIDING_ACTIONS and i not in hit
+               else r for i, (r, a) in enumerate(zip(reasons, actions))]
+    regions = masks = None
+    if video.regions is not None:
+        regions = [video.regions.get(i, []) for i in range(n)]
+        f, h, w = images.shape[:3]
+        whole = torch.tensor([i in video.actions for i in range(f)], dtype=torch.float32, device=images.device)
+        masks = whole.view(f, 1, 1).expand(f, h, w).contiguous()
+        if video.masks:
+            index = sorted(video.masks)
+            masks[index] = torch.stack([video.masks[i] for i in index]).to(images.device)
     return FilterResult(images=video.frames, flagged=[i in hit or video.error is not None for i in range(n)],
-                        reasons=reasons, actions=actions, scores=video.scores)
+                        reasons=reasons, actions=actions, scores=video.scores, regions=regions, masks=masks)
 
 
 def run_filter(images: torch.Tensor, detector: Detector, level: str, threshold: float, action: str,
@@ -194,13 +222,20 @@ def run_region_loader(model: str) -> tuple[RegionDetector]:
 
 def run_region_filter(images: torch.Tensor, region_detector: RegionDetector, classes: str, region_threshold: float,
                       expand: float, shape: str, feather: float, action: str, detector: Detector | None = None,
-                      level: str = _DEFAULTS["level"], threshold: float = _DEFAULTS["threshold"]) -> tuple:
+                      level: str = _DEFAULTS["level"], threshold: float = _DEFAULTS["threshold"],
+                      window: int = 0) -> tuple:
     """(images censored in their regions, any flagged, max score, JSON report, region mask).
 
     With a classifier (``detector``) it decides which images are flagged, and a flagged image
     with no region found is censored whole; without one, an image is flagged when a region is
     found. The mask is (B, H, W) float32 in [0, 1] on the images' device: ready for an
-    inpainting node.
+    inpainting node. ``window`` > 0 (with a classifier only) treats the batch as video frames
+    (see :func:`check_frames`): a frame censored for a flagged neighbour is censored in its own
+    regions, or whole when none is found.
+
+    Raises:
+        ValueError: ``window`` > 0 without a classifier: region-only mode has no per-frame
+            verdict to spread (``check_video`` needs a classifier).
     """
     if not isinstance(region_detector, RegionDetector):
         raise TypeError(f"region_detector must come from the NSFW Region Detector Loader node, "
@@ -210,24 +245,29 @@ def run_region_filter(images: torch.Tensor, region_detector: RegionDetector, cla
         management.activate(detector)
     elif not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise TypeError(f"images must be a ComfyUI IMAGE, a (B, H, W, C) tensor; got {type(images).__name__}")
+    elif window:
+        raise ValueError(f"window={window} needs a classifier: connect the detector input, or set window to 0 "
+                         f"(without a detector each image is censored in its own regions)")
     settings = RegionSettings(region_detector, classes, region_threshold, expand, shape, feather)
-    result = SafetyFilter(detector, level, threshold, action=action, regions=settings)(images, layout="BHWC")
+    guard = SafetyFilter(detector, level, threshold, action=action, regions=settings)
+    result = check_frames(images, guard, window) if window else guard(images, layout="BHWC")
     if detector is not None:
         best = max_score(result, level)
     else:
         best = max((r.score for found in result.regions for r in found), default=0.0)
     return (result.images, result.any_flagged, best, region_report(result, detector, settings, level, threshold,
-                                                                   action), result.masks)
+                                                                   action, window), result.masks)
 
 
 def region_report(result: FilterResult, detector: Detector | None, settings: RegionSettings, level: str,
-                  threshold: float, action: str) -> str:
+                  threshold: float, action: str, window: int = 0) -> str:
     """:func:`report` plus the region settings and each image's regions (boxes in pixels)."""
     if detector is not None:
-        out = json.loads(report(result, detector, level, threshold, action))
+        out = json.loads(report(result, detector, level, threshold, action, window))
     else:  # region-only: no classifier, no scores
         rows = zip(result.flagged, result.reasons, result.actions)
-        out = {"model": None, "level": None, "threshold": None, "action": action, "any_flagged": result.any_flagged,
+        out = {"model": None, "level": None, "threshold": None, "action": action, "window": window,
+               "any_flagged": result.any_flagged, **_frames(result),
                "images": [{"index": i, "flagged": f, "reason": r, "action": a} for i, (f, r, a) in enumerate(rows)]}
     out["regions"] = settings.to_dict()
     for row, found in zip(out["images"], result.regions):
@@ -255,6 +295,10 @@ def _rule_inputs(action_tooltip: str) -> tuple[Input, ...]:
         Input("action", COMBO, action_tooltip, default=_DEFAULTS["action"], choices=lambda: ACTIONS),
     )
 
+
+_WINDOW = Input("window", "INT", "a batch of video frames: also censor this many frames either side of each "
+               "flagged frame, so the censoring does not flicker (0: images are independent)",
+               default=0, min=0, max=1000, step=1, optional=True)
 
 _MODEL_TOOLTIP = (f"a registry model ({', '.join(REGISTRY)}; {DEFAULT_MODEL} is the default) or a checkpoint "
                   f"folder under models/{management.FOLDER}; a folder named like a registry model takes its place")
@@ -289,9 +333,7 @@ NODES: tuple[Node, ...] = (
          "filter", run_filter,
          inputs=_rule_inputs("what to do with flagged images; none only flags them. "
                              "Images that could not be checked are always black") + (
-             Input("window", "INT", "a batch of video frames: also censor this many frames either side of each "
-                   "flagged frame, so the censoring does not flicker (0: images are independent)",
-                   default=0, min=0, max=1000, step=1, optional=True),
+             _WINDOW,
              Input("stop_on_flag", "BOOLEAN", "stop the whole workflow with an error when any image is flagged, "
                    "so no later node (save, upload, API output) receives the batch", default=False, optional=True),),
          outputs=(Output("IMAGE", "images", "the input with flagged images censored"),
@@ -339,7 +381,9 @@ NODES: tuple[Node, ...] = (
                                        "the threshold", default=_DEFAULTS["level"], choices=lambda: NSFW_LEVELS,
                        optional=True),
                  Input("threshold", "FLOAT", "with a classifier", default=_DEFAULTS["threshold"], min=0.0, max=1.0,
-                       step=0.01, optional=True)),
+                       step=0.01, optional=True),
+                 dataclasses.replace(_WINDOW, tooltip=_WINDOW.tooltip + "; with a classifier, each censored frame "
+                                     "in its own regions")),
          outputs=(Output("IMAGE", "images", "the input with the regions of flagged images censored"),
                   Output("BOOLEAN", "nsfw", "true if any image is flagged"),
                   Output("FLOAT", "max_score", "the classifier's highest score of the chosen level; without one, "

@@ -10,6 +10,7 @@ import pytest
 import torch
 from region_images import astronaut, wheel_scene
 from test_comfyui import _fake_comfy_api, load, models_dir  # noqa: F401 (a fixture)
+from test_region_video import FLAGGED, FRAMES, RAMP
 
 from comfyui_node import nodes, region_models, schema
 from nsfw_safety.regions import RegionDetector
@@ -56,7 +57,9 @@ def test_schema_has_optional_classifier_inputs():
     spec = nodes.NSFWRegionFilter.INPUT_TYPES()
     assert list(spec["required"]) == ["images", "region_detector", "classes", "region_threshold", "expand", "shape",
                                       "feather", "action"]
-    assert list(spec["optional"]) == ["detector", "level", "threshold"]
+    assert list(spec["optional"]) == ["detector", "level", "threshold", "window"]
+    assert spec["optional"]["window"][1] | {"tooltip": None} == \
+        nodes.NSFWSafetyFilter.INPUT_TYPES()["optional"]["window"][1] | {"tooltip": None}  # same limits
     assert spec["required"]["classes"][0] == ["exposed", "faces", "all"]
     assert spec["required"]["shape"][0] == ["rectangle", "ellipse"]
     assert spec["required"]["region_threshold"][1]["default"] == 0.25
@@ -150,3 +153,56 @@ def test_optional_inputs_in_both_apis(models_dir, monkeypatch):
         shape="rectangle", feather=0.0, action="black")
     assert len(out) == 5 and out[1] is True and 0.1 < out[4].mean() < 0.3
 
+
+
+def test_window_censors_the_neighbours_of_a_flagged_frame_in_their_own_regions(models_dir):
+    """Five video frames (the wheel at three places, a gray ramp with no region, the wheel again);
+    the classifier flags frame 2 only: with window 1, frame 1 is censored in its own region, the
+    ramp (frame 3) whole, and the mask says exactly which pixels changed."""
+    (region_detector,) = nodes.NSFWRegionDetectorLoader().load(DEFAULT)
+    detector = load("tiny-eva")
+    images = torch.stack([torch.from_numpy(f).float() / 255 for f in FRAMES])  # (5, 300, 400, 3)
+    medium = detector.predict(images, layout="BHWC").levels[:, 2]
+    assert int(medium.argmax()) == FLAGGED, medium  # the premise
+    ranked = medium.sort().values
+    threshold = float((ranked[-1] + ranked[-2]) / 2)  # only frame 2 is flagged
+    out, nsfw, best, report, mask = region_filter(images, region_detector, detector=detector, level="medium",
+                                                  threshold=threshold, window=1)
+    assert nsfw is True and best == pytest.approx(float(medium.max()), abs=1e-6)
+    assert out.shape == images.shape and out.dtype == torch.float32
+    assert mask.shape == (5, 300, 400) and mask.dtype == torch.float32 and mask.device == images.device
+    assert 0 <= mask.min() and mask.max() <= 1
+    # pixels under mask 0 are unchanged; those under 1 are censored
+    assert torch.equal(out[mask == 0], images[mask == 0])
+    assert (out[mask == 1] - images[mask == 1]).abs().mean() > 0.02
+    # frames 0 and 4 are untouched; 1 and 2 in a region; the ramp whole
+    assert [m.max().item() for m in mask] == [0, 1, 1, 1, 0]
+    assert torch.equal(out[[0, 4]], images[[0, 4]])
+    for i in (1, FLAGGED):
+        assert 0.1 < mask[i].mean() < 0.5 and mask[i][0, 0] == 0  # the wheel, not the corner
+    assert bool(mask[RAMP].eq(1).all())
+    data = json.loads(report)
+    assert data["window"] == 1 and data["flagged_frames"] == [[2, 2]] and data["censored_frames"] == [[1, 3]]
+    rows = data["images"]
+    assert [r["flagged"] for r in rows] == [False, False, True, False, False]
+    assert [r["action"] for r in rows] == ["none", "blur", "blur", "blur", "none"]
+    assert [[g["label"] for g in r["regions"]] for r in rows] == [[], ["BUTTOCKS_EXPOSED"], ["BUTTOCKS_EXPOSED"], [], []]
+    assert "; in the window of a flagged frame; regions: BUTTOCKS_EXPOSED" in rows[1]["reason"]
+    assert rows[RAMP]["reason"].endswith("in the window of a flagged frame; no region of exposed at or above "
+                                         "threshold: censored whole")
+    assert ">=" in rows[FLAGGED]["reason"] and "; regions: BUTTOCKS_EXPOSED" in rows[FLAGGED]["reason"]
+    # window 0: the same batch as independent images, only the flagged frame censored
+    out0, _, _, report0, mask0 = region_filter(images, region_detector, detector=detector, level="medium",
+                                               threshold=threshold)
+    assert json.loads(report0)["censored_frames"] == [[2, 2]] and json.loads(report0)["window"] == 0
+    assert [m.max().item() for m in mask0] == [0, 0, 1, 0, 0] and torch.equal(mask0[FLAGGED], mask[FLAGGED])
+    assert torch.equal(out0[FLAGGED], out[FLAGGED]) and torch.equal(out0[[0, 1, 3, 4]], images[[0, 1, 3, 4]])
+
+
+def test_window_without_a_classifier_is_refused(models_dir):
+    (region_detector,) = nodes.NSFWRegionDetectorLoader().load(DEFAULT)
+    with pytest.raises(ValueError, match="window=2 needs a classifier: connect the detector input"):
+        region_filter(comfy(wheel_scene(), 3), region_detector, window=2)
+    _, _, _, report, _ = region_filter(comfy(wheel_scene(), 3), region_detector, window=0)
+    data = json.loads(report)  # region-only reports give the frames' ranges too
+    assert data["window"] == 0 and data["flagged_frames"] == data["censored_frames"] == [[0, 2]]
