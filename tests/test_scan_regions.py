@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from region_images import WHEEL_BOX, astronaut, wheel_scene
+from test_scan import rows_by_name, scan
 
-from nsfw_safety import SafetyFilter, cli, load_detector
+from nsfw_safety import SafetyFilter
 from nsfw_safety.regions import RegionDetector, RegionSettings
 from nsfw_safety.scan.html import OUTLINE
 from nsfw_safety.scan.reports import read_report
@@ -50,18 +51,6 @@ def library(nsfw):
         out = SafetyFilter(nsfw, action=action, regions=regions)(Image.fromarray(image))
         return np.asarray(out.images), out.masks[0].numpy()
     return answer
-
-
-def scan(capsys, *argv) -> tuple[int, dict | None, str]:
-    """cli.main in-process; (exit code, JSON summary or None, stderr)."""
-    capsys.readouterr()
-    code = cli.main(["scan", *map(str, argv), "--workers", "2", "--json"])
-    out, err = capsys.readouterr()
-    return code, (json.loads(out) if out.strip() else None), err
-
-
-def rows_by_name(report: Path) -> dict[str, dict]:
-    return {Path(r["path"]).name: r for r in read_report(report)}
 
 
 def iou(a, b) -> float:

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from checkpoints import write_vit
+from test_scan import scan
 from nsfw_safety import cascade, cli
 from nsfw_safety.scan.reports import read_report
 from videos import write_animation
@@ -29,14 +30,6 @@ def noise(path: Path, seed: int, size: tuple[int, int] = (24, 32)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
     return path
-
-
-def scan(capsys, *argv) -> tuple[int, dict | None, str]:
-    """cli.main in-process; (exit code, JSON summary or None, stderr)."""
-    capsys.readouterr()
-    code = cli.main(["scan", *map(str, argv), "--workers", "2", "--json"])
-    out, err = capsys.readouterr()
-    return code, (json.loads(out) if out.strip() else None), err
 
 
 def jsonl(report: Path) -> dict[str, dict]:
