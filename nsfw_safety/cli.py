@@ -149,8 +149,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g = scan.add_argument_group(
         "regions (pip install -e '.[regions]'; NudeNet's model: AGPL-3.0; see README, Region censoring)",
         f"defaults: --region-threshold {MIN_SCORE}, --region-expand 0, --region-shape {SHAPES[0]}, "
-        "--region-feather 0. Not for animations and videos (their frames are censored whole) "
-        "nor --engine ray")
+        "--region-feather 0")
     for f in REGION_FLAGS:
         g.add_argument(f.name, dest=f.dest, help=f.help, **f.kwargs)
 
@@ -218,7 +217,7 @@ def _check_scan_args(scan: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def _check_second_opinion(scan: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--second-opinion, --band and --combine: together, with the policy, and with the engine."""
+    """--second-opinion, --band and --combine: together, and with the policy."""
     if args.second_opinion is None:
         if args.band is not None or args.combine is not None:
             scan.error("--band and --combine need --second-opinion MODEL")
@@ -227,8 +226,6 @@ def _check_second_opinion(scan: argparse.ArgumentParser, args: argparse.Namespac
         check_second_opinion(args.second_opinion, args.band, args.combine)
     except ValueError as e:
         scan.error(f"bad second opinion: {e}")
-    if args.engine == "ray":
-        scan.error("--second-opinion is not available with --engine ray")
     if args.thresholds is not None and args.combine not in BANDLESS:
         scan.error(f"--thresholds with --second-opinion needs --combine {' or '.join(BANDLESS)} (both models on "
                    f"every image): a cascade's --band is read on one level, so give --level and --threshold")
@@ -246,8 +243,6 @@ def _check_region_args(scan: argparse.ArgumentParser, args: argparse.Namespace) 
         if given:
             scan.error(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --regions")
         return
-    if args.engine == "ray":
-        scan.error("--regions is not available with --engine ray")
     for dest, default in (("region_threshold", MIN_SCORE), ("region_expand", 0.0), ("region_shape", SHAPES[0]),
                           ("region_feather", 0.0)):
         if getattr(args, dest) is None:

@@ -11,8 +11,10 @@ The same path as every other caller, split across Ray's workers:
 * **Decode** runs in stateless CPU tasks: :func:`nsfw_safety.inputs.open_image`, with its pixel
   limit, its format rules and its errors. An unreadable or hostile file becomes an error row.
 * **Score and censor** run in an actor pool (``map_batches`` with a callable class): each actor
-  loads one detector and calls one :class:`~nsfw_safety.SafetyFilter` per batch. With GPUs in
-  the cluster there is one actor per GPU (``num_gpus=1``, bf16); without, CPU actors.
+  builds its :class:`~nsfw_safety.SafetyFilter` as the local ``scan`` does
+  (:func:`nsfw_safety.scan.run.load_filter`: the detector, its second opinion, region mode) and
+  calls it once per batch. With GPUs in the cluster there is one actor per GPU (``num_gpus=1``,
+  bf16); without, CPU actors.
 
 Every input row gives exactly one output row (:data:`COLUMNS`). Fault tolerance is Ray's own,
 with its defaults: a decode task whose worker dies is retried (Ray core's ``max_retries=3``),
@@ -39,14 +41,19 @@ import ray
 import ray.data
 
 from .inputs import open_image
+from .vocabulary import MIN_SCORE, SHAPES
 
 log = logging.getLogger(__name__)
 
 #: File extensions read by :func:`read_images` (the local scan's set).
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif")
-#: One output row per input row.
+#: One output row per input row. ``probs``, ``parts`` and ``regions`` are JSON text, ``""`` when
+#: there is none: ``parts`` with a second opinion, each model's own scores (a list of ``{"model",
+#: "scored", "levels", "probs", "problem"}``, the local scan's JSONL ``parts``); ``regions`` in
+#: region mode, the regions the image is censored in (a list of ``{"label", "score", "box"}``, box
+#: in the image's pixels; ``[]`` for none, as in the local scan's JSONL).
 COLUMNS = ("id", "size", "width", "height", "status", "flagged", "neutral", "low", "medium", "high",
-           "probs", "reason", "action", "model", "revision")
+           "probs", "reason", "action", "model", "revision", "parts", "regions")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit, as in `scan`
 
 
@@ -149,15 +156,15 @@ def _objects(items: list) -> np.ndarray:
 
 
 class _Scorer:
-    """An actor: one detector, one SafetyFilter, a batch of decoded images per call."""
+    """An actor: one SafetyFilter, built as the local scan builds it, a batch of decoded images per call."""
 
-    def __init__(self, model: str, load: Mapping[str, Any], guard: Mapping[str, Any], censor: bool):
-        from .detector import load_detector
-        from .filter import SafetyFilter
+    def __init__(self, opts: Any, censor: bool):
+        from .scan.run import _parts, load_filter
 
-        self.detector = load_detector(model, **load)
-        self.guard = SafetyFilter(self.detector, **guard)
+        self.guard = load_filter(opts, opts.action)
+        self.detector = self.guard.detector
         self.censor = censor
+        self.parts = _parts  # each model's own scores, as the local scan's rows give them
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["id"])
@@ -171,6 +178,7 @@ class _Scorer:
             images = [batch["image"][i] for i in good]
             result = self.guard(images)  # fails closed: a batch that raises comes back blocked
             dicts = result.scores.to_dicts() if result.scores is not None else [None] * len(good)
+            parts = self.parts(result.scores, len(good))
             for j, i in enumerate(good):
                 scored = dicts[j] is not None and dicts[j]["problem"] is None
                 rows[i].update(
@@ -178,6 +186,8 @@ class _Scorer:
                     status=("flagged" if result.flagged[j] else "ok") if scored else "error",
                     reason=result.reasons[j], action=result.actions[j],
                     probs=json.dumps(dicts[j]["probs"]) if dicts[j] is not None else "",
+                    parts=json.dumps(parts[j]) if parts[j] is not None else "",
+                    regions=json.dumps([r.to_dict() for r in result.regions[j]]) if result.regions is not None else "",
                     **({k: float(v) for k, v in dicts[j]["levels"].items()} if scored else {}))
                 if self.censor and result.actions[j] != "none":
                     censored[i] = _encode(result.images[j], images[j].format)
@@ -197,7 +207,7 @@ class _Scorer:
 def _row(key: str, size: int) -> dict[str, Any]:
     return {"id": key, "size": size, "width": None, "height": None, "status": "", "flagged": True,
             "neutral": None, "low": None, "medium": None, "high": None, "probs": "", "reason": "",
-            "action": "none", "model": "", "revision": ""}
+            "action": "none", "model": "", "revision": "", "parts": "", "regions": ""}
 
 
 def _encode(image: Any, fmt: str | None) -> bytes:
@@ -216,13 +226,26 @@ def score_dataset(ds: ray.data.Dataset, model: str = "eva", *, level: str = "med
                   thresholds: Mapping[str, float] | None = None, action: str = "blur", censor: bool = False,
                   revision: str | None = None, device: str | None = None, dtype: str | None = None,
                   batch_size: int = 16, actors: int | None = None, num_gpus: float | None = None,
-                  num_cpus: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> ray.data.Dataset:
+                  num_cpus: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  second_opinion: str | None = None, band: tuple[float, float] | None = None,
+                  combine: str | None = None, regions: str | Sequence[str] | None = None,
+                  region_model: str | None = None, region_threshold: float | Mapping[str, float] = MIN_SCORE,
+                  region_expand: float | Mapping[str, float] = 0.0, region_shape: str = SHAPES[0],
+                  region_feather: float = 0.0) -> ray.data.Dataset:
     """Score (and optionally censor) every image of ``ds``.
 
     Args:
         ds: rows with ``id`` (str) and ``bytes`` (the encoded image), as the readers here give.
         model, revision, device, dtype: as for :func:`nsfw_safety.load_detector`, in each actor.
         level, threshold, thresholds, action: as for :class:`nsfw_safety.SafetyFilter`.
+        second_opinion, band, combine: a second model (a registry name, hub id, or checkpoint
+            folder every worker can read) that re-checks the images whose first score at
+            ``level`` is in ``band``, combined by ``combine``, as ``scan --second-opinion``
+            (:func:`nsfw_safety.cascade.second_opinion`); None: one model.
+        regions, region_model, region_threshold, region_expand, region_shape, region_feather:
+            region mode, as ``scan --regions`` and :class:`nsfw_safety.regions.RegionSettings`'s
+            classes, detector (an ``.onnx`` path every worker can read; None: the ``nudenet``
+            package's), threshold, expand, shape and feather; None: off.
         censor: add a ``censored`` column: the censored image, encoded in its input's format,
             for flagged rows (None for the others).
         batch_size: images per model call in an actor.
@@ -234,8 +257,22 @@ def score_dataset(ds: ray.data.Dataset, model: str = "eva", *, level: str = "med
     Returns:
         One row per input row, columns :data:`COLUMNS` (+ ``censored``): status is ``ok``,
         ``flagged`` or ``error``; an error row is flagged (fail closed).
+    Raises:
+        ValueError: a bad policy, second opinion or region setting (here, before any actor starts).
     """
-    from .filter import SafetyFilter  # noqa: F401 -- fail here, not in an actor, if the core is broken
+    # here, not in an actor: a broken core or a bad setting fails at once
+    from .levels import Policy
+    from .options import check_regions, check_second_opinion
+    from .scan.run import ScanOptions
+
+    regions = regions if regions is None or isinstance(regions, str) else tuple(regions)
+    check_regions(regions, region_model, region_threshold, region_expand, region_shape, region_feather)
+    opts = ScanOptions(
+        paths=(), model=model, revision=revision, device=device, dtype=dtype or "auto", batch_size=batch_size,
+        policy=Policy(level, threshold, thresholds), action=action, max_pixels=max_pixels,
+        second_opinion=second_opinion, band=check_second_opinion(second_opinion, band, combine), combine=combine,
+        regions=regions, region_model=region_model, region_threshold=region_threshold, region_expand=region_expand,
+        region_shape=region_shape, region_feather=region_feather)
 
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     if num_gpus is None and num_cpus is None:
@@ -243,13 +280,11 @@ def score_dataset(ds: ray.data.Dataset, model: str = "eva", *, level: str = "med
     if actors is None:
         cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else 1
         actors = int(gpus // (num_gpus or 1)) if num_gpus else max(1, int(cpus // 4))
-    guard = {"level": level, "threshold": threshold, "thresholds": thresholds, "action": action}
-    load = {"revision": revision, "device": device, "dtype": dtype, "max_batch_size": batch_size}
     # decode in tasks that ask for less CPU than an actor: Ray then does not fuse them into the pool
     decoded = ds.map_batches(_decode, fn_kwargs={"max_pixels": max_pixels}, batch_format="numpy",
                              batch_size=batch_size, num_cpus=0.5)
     return decoded.map_batches(
-        _Scorer, fn_constructor_kwargs={"model": model, "load": load, "guard": guard, "censor": censor},
+        _Scorer, fn_constructor_kwargs={"opts": opts, "censor": censor},
         batch_format="numpy", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=num_gpus, num_cpus=num_cpus)
 

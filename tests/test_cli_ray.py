@@ -1,5 +1,6 @@
-"""``nsfw-safety scan --engine ray`` in real subprocesses, each starting its own local Ray (two
-start-ups in all: a scan with an unreadable file, then a re-run that skips everything)."""
+"""``nsfw-safety scan --engine ray`` in real subprocesses, each starting its own local Ray (three
+start-ups in all: a scan with an unreadable file, then a re-run that skips everything; a second
+opinion in region mode, whose re-runs with other settings are refused before Ray starts)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 pytest.importorskip("ray")
 import pyarrow.parquet as pq  # noqa: E402
+from region_images import astronaut, wheel_scene  # noqa: E402
 
 from nsfw_safety import SafetyFilter, load_detector  # noqa: E402
 from nsfw_safety.cli import main  # noqa: E402
@@ -83,6 +85,16 @@ def test_engine_ray_arguments_checked_without_ray(tmp_path, capsys):
     assert "--address and --actors need --engine ray" in capsys.readouterr().err
 
 
+def test_region_model_that_cannot_load_refused_before_ray(tmp_path, eva_dir, capsys):
+    """Named, exit 2, without starting Ray, and the folder records no settings."""
+    bad, out = tmp_path / "bad.onnx", tmp_path / "out"
+    bad.write_bytes(b"not an onnx model")
+    assert main(["scan", "--engine", "ray", str(tmp_path), "--out", str(out), "--model", str(eva_dir),
+                 "--regions", "exposed", "--region-model", str(bad)]) == 2
+    assert f"error: cannot load the region model {bad}: " in capsys.readouterr().err
+    assert not (out / "_nsfw-safety-settings.json").exists()
+
+
 def test_settings_mismatch_refused(tmp_path, eva_dir, capsys):
     """A folder scored with other rules is refused before Ray starts: resume would mix them."""
     out = tmp_path / "out"
@@ -90,3 +102,61 @@ def test_settings_mismatch_refused(tmp_path, eva_dir, capsys):
     (out / "_nsfw-safety-settings.json").write_text(json.dumps({"model": "x", "revision": "", "rules": "low=0.1"}))
     assert main(["scan", "--engine", "ray", str(tmp_path), "--out", str(out), "--model", str(eva_dir)]) == 2
     assert "use another --out" in capsys.readouterr().err
+
+
+def test_second_opinion_and_regions_as_the_local_scan_gives_them(tmp_path, forced_dirs, capsys):
+    """A cascade of forced checkpoints in region mode with the real NudeNet model: the summary's
+    second_opinion and regions, and each report row's parts, models, regions and settings columns, are
+    the local engine's; a re-run with another second opinion or other region settings is refused."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(wheel_scene()).save(src / "scene.png")
+    Image.fromarray(astronaut()).save(src / "face.png")
+    eva60, vit90, vit20 = (str(forced_dirs[k]) for k in ("eva60", "vit90", "vit20"))
+    flags = ["--model", eva60, "--second-opinion", vit90, "--band", "0.55", "1", "--regions", "exposed",
+             "--region-expand", "0.1"]
+    run = _scan(str(src), "--out", str(out), *flags, "--report", str(tmp_path / "ray.jsonl"))
+    assert run.returncode == 1, run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    capsys.readouterr()
+    assert main(["scan", str(src), *flags, "--report", str(tmp_path / "local.jsonl"), "--json", "--dtype", "fp32"]) == 1
+    local = json.loads(capsys.readouterr().out)
+    assert summary["second_opinion"] == local["second_opinion"] == {"model": vit90, "combine": "override",
+                                                                     "band": [0.55, 1.0]}
+    assert summary["regions"] == local["regions"] and summary["regions"].startswith("--regions exposed ")
+    assert (summary["flagged"], summary["clean"], summary["errors"]) == (local["flagged"], local["clean"],
+                                                                         local["errors"]) == (2, 0, 0)
+
+    def rows(report):
+        return {os.path.basename(r["path"]): r for r in map(json.loads, report.read_text().splitlines())}
+
+    got, want = rows(tmp_path / "ray.jsonl"), rows(tmp_path / "local.jsonl")
+    assert sorted(got) == sorted(want) == ["face.png", "scene.png"]
+    for name, row in got.items():
+        lib = want[name]
+        for k in ("status", "flagged", "reason", "model", "rules", "second_opinion", "band", "combine", "models",
+                  "region_settings"):
+            assert row[k] == lib[k], k
+        assert [(p["model"], p["scored"]) for p in row["parts"]] == [("eva60", True), ("vit90", True)]
+        for p, q in zip(row["parts"], lib["parts"]):
+            assert p["levels"] == pytest.approx(q["levels"], abs=1e-6)
+        assert [r["label"] for r in row["regions"]] == [r["label"] for r in lib["regions"]]
+        for r, q in zip(row["regions"], lib["regions"]):
+            assert r["box"] == pytest.approx(q["box"], abs=0.01)
+    assert [r["label"] for r in got["scene.png"]["regions"]] == ["BUTTOCKS_EXPOSED"]
+    assert got["face.png"]["regions"] == []
+    table = pq.read_table(out, columns=["id", "parts", "regions"]).to_pylist()
+    assert {os.path.basename(r["id"]): json.loads(r["regions"]) for r in table} == {
+        n: r["regions"] for n, r in got.items()}
+    assert all([p["model"] for p in json.loads(r["parts"])] == ["eva60", "vit90"] for r in table)
+
+    # the folder's settings record the second opinion and the region settings: others are refused
+    settings, files = (out / "_nsfw-safety-settings.json").read_bytes(), sorted(out.glob("*.parquet"))
+    same = ["--model", eva60, "--regions", "exposed", "--region-expand", "0.1"]
+    for other in (["--second-opinion", vit20, "--band", "0.55", "1"], ["--second-opinion", vit90],
+                  ["--second-opinion", vit90, "--band", "0.55", "1", "--combine", "max"], []):
+        assert main(["scan", "--engine", "ray", str(src), "--out", str(out), *same, *other]) == 2
+        assert "use another --out" in capsys.readouterr().err
+    assert main(["scan", "--engine", "ray", str(src), "--out", str(out), *flags[:-2], "--region-expand", "0.2"]) == 2
+    assert "use another --out" in capsys.readouterr().err
+    assert (out / "_nsfw-safety-settings.json").read_bytes() == settings and sorted(out.glob("*.parquet")) == files

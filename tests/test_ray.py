@@ -1,7 +1,8 @@
 """nsfw_safety.ray on a real local Ray (2 CPUs, no dashboard), started once for this module.
 
-The results must equal SafetyFilter's on the same images, value for value; every input row gives
-one output row; unreadable files are error rows; a scan resumes after its driver is SIGKILLed.
+The results must equal SafetyFilter's on the same images, value for value (a second opinion's
+parts and region mode's regions too); every input row gives one output row; unreadable files are
+error rows; a scan resumes after its driver is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,9 +26,12 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from region_images import WHEEL_BOX, astronaut, wheel_scene  # noqa: E402
 
 from nsfw_safety import SafetyFilter, load_detector  # noqa: E402
 from nsfw_safety import ray as nray  # noqa: E402
+from nsfw_safety.cascade import second_opinion  # noqa: E402
+from nsfw_safety.regions import RegionSettings  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,6 +94,7 @@ def test_folder_matches_the_library(folder, eva_dir):
     assert {r["model"] for r in rows} == {str(eva_dir)} or len({r["model"] for r in rows}) == 1
     assert all(json.loads(r["probs"]).keys() == {"neutral", "low", "medium", "high"}
                for r in rows if r["status"] != "error")
+    assert {(r["parts"], r["regions"]) for r in rows} == {("", "")}  # one model, no region mode
 
 
 def test_parquet_with_hf_image_structs(tmp_path, eva_dir):
@@ -138,6 +144,66 @@ def test_censor_returns_encoded_images(folder, eva_nsfw_dir):
         assert im.format == "PNG" and im.size == (r["width"], r["height"])
         assert np.asarray(im.convert("RGB")).max() == 0
     assert all(r["censored"] is None for r in rows if r["status"] == "error")
+
+
+def test_second_opinion_in_region_mode(tmp_path, forced_dirs):
+    """A cascade of forced checkpoints (eva60's medium 0.60 is in the band, so vit90 re-checks it and
+    flags) in region mode with the real NudeNet model, on real pictures: the flags, reasons, each
+    model's parts, the regions and the censored pixels are SafetyFilter's, built the same way."""
+    pictures = {"scene.png": wheel_scene(), "face.png": astronaut()}
+    for name, pixels in pictures.items():
+        Image.fromarray(pixels).save(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    eva60, vit90 = str(forced_dirs["eva60"]), str(forced_dirs["vit90"])
+    rows = nray.score_dataset(nray.read_images(str(tmp_path)), model=eva60, dtype="fp32", second_opinion=vit90,
+                              band=(0.55, 1.0), regions="exposed", region_expand=0.1, censor=True, action="black",
+                              batch_size=4, actors=1).take_all()
+    by_name = {Path(r["id"]).name: r for r in rows}
+    assert sorted(by_name) == ["broken.png", "face.png", "scene.png"]
+
+    guard = SafetyFilter(second_opinion(eva60, vit90, band=(0.55, 1.0), dtype="fp32"), action="black",
+                         regions=RegionSettings(classes="exposed", expand=0.1))
+    want = guard([Image.open(tmp_path / name) for name in pictures])
+    for i, name in enumerate(pictures):
+        row = by_name[name]
+        assert (row["status"], row["flagged"], row["reason"], row["action"]) == ("flagged", True, want.reasons[i], "black")
+        assert row["reason"].startswith("vit90 medium 0.90 >= 0.50 (second opinion on eva60 0.60); ")
+        assert row["medium"] == pytest.approx(0.9, abs=0.005)  # the second model's verdict stands (override)
+        parts = json.loads(row["parts"])
+        assert [(p["model"], p["scored"], p["problem"]) for p in parts] == [("eva60", True, None), ("vit90", True, None)]
+        for got, lib in zip(parts, want.scores.parts.to_dicts()[i]):
+            assert got["levels"] == pytest.approx(lib["levels"], abs=1e-6)
+            assert got["probs"] == pytest.approx(lib["probs"], abs=1e-6)
+        assert parts[0]["levels"]["medium"] == pytest.approx(0.60, abs=0.005)
+        regions = json.loads(row["regions"])
+        assert [r["label"] for r in regions] == [r.label for r in want.regions[i]]
+        for got, lib in zip(regions, want.regions[i]):
+            assert got["score"] == pytest.approx(lib.score, abs=1e-5) and got["box"] == pytest.approx(lib.box, abs=0.01)
+        censored = np.asarray(Image.open(io.BytesIO(row["censored"])))
+        np.testing.assert_array_equal(censored, np.asarray(want.images[i]))  # one path: the filter's pixels
+    (scene,) = json.loads(by_name["scene.png"]["regions"])
+    assert scene["label"] == "BUTTOCKS_EXPOSED"
+    x1, y1, x2, y2 = WHEEL_BOX  # grown by 10 %, centred
+    dx, dy = 0.05 * (x2 - x1), 0.05 * (y2 - y1)
+    assert scene["box"] == pytest.approx([x1 - dx, y1 - dy, x2 + dx, y2 + dy], abs=2)
+    censored = np.asarray(Image.open(io.BytesIO(by_name["scene.png"]["censored"])))
+    assert not censored[200, 450].any() and (censored[50, 50] == 128).all()  # black in the box, untouched outside
+    assert json.loads(by_name["face.png"]["regions"]) == []
+    assert by_name["face.png"]["reason"].endswith("no region of exposed at or above threshold: censored whole")
+    broken = by_name["broken.png"]
+    assert (broken["status"], broken["flagged"], broken["parts"], broken["regions"]) == ("error", True, "", "")
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"second_opinion": "vit-sd", "band": (0.8, 0.2)}, "band must have LO <= HI"),
+    ({"band": (0.2, 0.8)}, "band and combine need a second_opinion model"),
+    ({"second_opinion": "vit-sd", "combine": "any", "band": (0.2, 0.8)}, "it takes no band"),
+    ({"regions": ["TAILS"]}, "TAILS"),
+    ({"regions": "exposed", "region_feather": 2}, "region_feather must be in [0, 1]"),
+])
+def test_bad_settings_raise_before_any_actor(folder, settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        nray.score_dataset(nray.read_images(str(folder)), **settings)
 
 
 DRIVER = textwrap.dedent("""

@@ -135,12 +135,10 @@ PROBE = ("import sys\n"
     (["scan", "x", "--regions", "exposed", "--region-feather", "2"], 2),
     (["scan", "x", "--regions", "faces", "--region-threshold", "BUTTOCKS=0.5"], 2),
     (["scan", "x", "--regions", "exposed", "--region-model", "nope.onnx"], 2),
-    (["scan", "x", "--regions", "exposed", "--engine", "ray", "--out", "o"], 2),
     (["scan", "x", "--band", "0.2", "0.8"], 2), (["scan", "x", "--second-opinion", "vit", "--band", "0.8", "0.2"], 2),
     (["scan", "x", "--second-opinion", "vit", "--combine", "any", "--band", "0.2", "0.8"], 2),
     (["scan", "x", "--second-opinion", "vit", "--thresholds", "low=0.5"], 2),
     (["scan", "x", "--second-opinion", "./nope"], 2),
-    (["scan", "x", "--second-opinion", "vit", "--engine", "ray", "--out", "y"], 2),
 ])
 def test_parsing_imports_no_model_library(argv, code):
     """--help, --version and argument errors never import torch, timm, transformers, PIL, numpy (nor fastapi)."""

@@ -201,7 +201,6 @@ def test_resume_with_another_second_opinion_never_mixes_rows(tmp_path, root, for
     (["--second-opinion", "vit", "--combine", "all", "--band", "0.2", "0.8"], "it takes no band"),
     (["--second-opinion", "vit", "--combine", "median"], "invalid choice: 'median'"),
     (["--second-opinion", "vit", "--thresholds", "low=0.5"], "--thresholds with --second-opinion needs --combine"),
-    (["--second-opinion", "vit", "--engine", "ray", "--out", "o"], "not available with --engine ray"),
     (["--second-opinion", "./nope"], "--second-opinion './nope': no such directory"),
 ])
 def test_bad_combinations_show_the_usage(capsys, argv, message):

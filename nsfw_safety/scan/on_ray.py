@@ -7,15 +7,18 @@ scan's are from all the rows in its report, so a re-run that skips everything gi
 exit code.
 
 Parquet rows keep :data:`nsfw_safety.ray.COLUMNS` (``id`` is the file's absolute path or URL;
-``probs`` the class probabilities as JSON). A ``--report`` has the local scan's
+``probs`` the class probabilities, ``parts`` each model's own scores with ``--second-opinion``,
+``regions`` the regions with ``--regions``, as JSON). A ``--report`` has the local scan's
 :data:`~nsfw_safety.scan.reports.COLUMNS`: ``path`` = ``id``; ``mtime_ns``, ``output`` and
 ``moved_to`` are empty (Ray reads bytes, not file stats; this engine writes no copies and moves
-nothing); ``rules`` comes from the settings file the folder keeps (:data:`SETTINGS_FILE`). It is
-rewritten whole on each run (a file of every row: for what fits on one machine).
+nothing); the settings columns (model, revision, rules, second opinion, region settings) come from
+the settings file the folder keeps (:data:`SETTINGS_FILE`). It is rewritten whole on each run (a
+file of every row: for what fits on one machine).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,10 +26,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..options import REGION_FLAGS
 from . import ScanError
 from .files import write_atomic
-from .reports import COLUMNS, format_rows, report_format
-from .run import ScanOptions, _model_arg, _settings, _summary, _Tally
+from .reports import COLUMNS, SETTINGS, format_rows, models_text, report_format
+from .run import (
+    ScanOptions,
+    _load_regions,
+    _model_arg,
+    _second_arg,
+    _settings,
+    _summary,
+    _Tally,
+)
 
 #: The settings that scored the folder's rows; a run with other settings is refused.
 SETTINGS_FILE = "_nsfw-safety-settings.json"  # "_": Parquet readers skip it
@@ -45,6 +57,9 @@ def scan_on_ray(opts: ScanOptions, out: Path, *, address: str | None = None, act
     except ImportError as e:
         raise ScanError(f"--engine ray needs the ray extra: pip install -e '.[ray]' ({e})") from e
     settings = _settings(opts, resolved=True)
+    # a region model that cannot load fails here, in a moment, not in every actor after Ray's start-up
+    # (and before the folder records these settings); on the CPU: the driver may have no GPU
+    _load_regions(dataclasses.replace(opts, device="cpu"))
     _check_folder(out, settings)
     started = not ray.is_initialized()
     if started:
@@ -63,7 +78,9 @@ def scan_on_ray(opts: ScanOptions, out: Path, *, address: str | None = None, act
                 nray.read_images(paths), out, model=_model_arg(opts), revision=opts.revision,
                 level=policy.level, threshold=policy.threshold, thresholds=policy.thresholds,
                 action=opts.action, device=opts.device, dtype=None if opts.dtype == "auto" else opts.dtype,
-                batch_size=opts.batch_size, actors=actors, max_pixels=opts.max_pixels)
+                batch_size=opts.batch_size, actors=actors, max_pixels=opts.max_pixels,
+                second_opinion=opts.second_opinion and _second_arg(opts), band=opts.band, combine=opts.combine,
+                **{f.dest: getattr(opts, f.dest) for f in REGION_FLAGS})
         except (FileNotFoundError, OSError, ValueError) as e:  # a source that cannot be listed
             raise ScanError(f"cannot read {' '.join(opts.paths)}: {e}") from e
         seconds = time.monotonic() - t0
@@ -73,7 +90,7 @@ def scan_on_ray(opts: ScanOptions, out: Path, *, address: str | None = None, act
     tally, rows = _Tally(policy), []
     for path in sorted(out.glob("*.parquet")):
         for r in pq.read_table(path).drop_columns(["probs"]).to_pylist():
-            row = _local_row(r, settings["rules"])
+            row = _local_row(r, settings)
             tally.add(row, skipped=path in before)
             if opts.report is not None:
                 rows.append(row)
@@ -102,11 +119,14 @@ def _check_folder(out: Path, settings: dict[str, str]) -> None:
     write_atomic(path, lambda fh: fh.write(text), overwrite=True)
 
 
-def _local_row(r: dict[str, Any], rules: str) -> dict[str, Any]:
+def _local_row(r: dict[str, Any], settings: dict[str, str]) -> dict[str, Any]:
     """A Parquet row in the local report's columns (-1 and NaN, Ray's "none", become empty)."""
     row = dict.fromkeys(COLUMNS)
     row.update(path=r["id"], size=r["size"], status=r["status"], flagged=r["flagged"], reason=r["reason"],
-               action=r["action"], output="", moved_to="", model=r["model"], revision=r["revision"], rules=rules)
+               action=r["action"], output="", moved_to="", **{k: settings[k] for k in SETTINGS})
+    row["parts"] = json.loads(r["parts"]) if r["parts"] else None
+    row["models"] = models_text(row["parts"])
+    row["regions"] = json.loads(r["regions"]) if r["regions"] else None
     for k in ("width", "height"):
         row[k] = r[k] if r[k] is not None and r[k] >= 0 else None
     for k in _LEVELS:

@@ -513,6 +513,23 @@ def _load(opts: ScanOptions) -> Any:
         raise ScanError(f"cannot load the second opinion model {opts.second_opinion!r}: {e}") from e
 
 
+def load_filter(opts: ScanOptions, action: str) -> SafetyFilter:
+    """The scan's ``SafetyFilter``, as both engines build it (``--engine ray`` in each actor): region
+    mode's settings first (they fail in a moment where the classifier takes seconds), then the
+    detector with its second opinion, the policy, and ``action``.
+
+    Raises:
+        ScanError: a model that cannot load; the message names it.
+    """
+    regions = _load_regions(opts)
+    detector = _load(opts)
+    try:
+        return SafetyFilter(detector, opts.policy.level, opts.policy.threshold, thresholds=opts.policy.thresholds,
+                            action=action, regions=regions)
+    except (ModelLoadError, ValueError, TypeError, OSError, RuntimeError) as e:
+        raise ScanError(f"cannot load model {opts.model!r}: {e}") from e
+
+
 def _clean_outputs(opts: ScanOptions) -> None:
     """Delete temporary files that killed runs left in the output folders."""
     for top in (opts.out, opts.move_flagged):
@@ -587,15 +604,8 @@ def scan(opts: ScanOptions, progress: Callable[[int], Any] | None = None) -> dic
         t0 = time.perf_counter()
         guard = None
         if any(f.error is None for f in todo):
-            regions = _load_regions(opts)  # first: it fails in a moment where the classifier takes seconds
-            detector = _load(opts)
-            try:
-                censoring = opts.out is not None or opts.in_place or opts.html is not None
-                guard = SafetyFilter(detector, opts.policy.level, opts.policy.threshold,
-                                     thresholds=opts.policy.thresholds,
-                                     action=opts.action if censoring else "none", regions=regions)
-            except (ModelLoadError, ValueError, TypeError, OSError, RuntimeError) as e:
-                raise ScanError(f"cannot load model {opts.model!r}: {e}") from e
+            censoring = opts.out is not None or opts.in_place or opts.html is not None
+            guard = load_filter(opts, opts.action if censoring else "none")
         load_s = time.perf_counter() - t0
 
         html = HtmlReport(opts.html, opts.policy.rules, thumbs) if opts.html is not None else None
