@@ -10,10 +10,15 @@ The same path as every other caller, split across Ray's workers:
 
 * **Decode** runs in stateless CPU tasks: :func:`nsfw_safety.inputs.open_image`, with its pixel
   limit, its format rules and its errors. An unreadable or hostile file becomes an error row.
+  An animation (``MultiFrameImage``) or a video file (by extension, as the local scan finds
+  them) is not decoded there: its bytes go on to the actor.
 * **Score and censor** run in an actor pool (``map_batches`` with a callable class): each actor
   builds its :class:`~nsfw_safety.SafetyFilter` as the local ``scan`` does
   (:func:`nsfw_safety.scan.run.load_filter`: the detector, its second opinion, region mode) and
-  calls it once per batch. With GPUs in the cluster there is one actor per GPU (``num_gpus=1``,
+  calls it once per batch. An animation or video is written to a temporary file and checked
+  frame by frame by :func:`nsfw_safety.video.check_video` (decoded and scored in chunks: memory
+  does not grow with its length), its row filled as the local scan fills it
+  (:func:`nsfw_safety.scan.run.video_values`); the file is deleted whatever happens. With GPUs in the cluster there is one actor per GPU (``num_gpus=1``,
   bf16); without, CPU actors.
 
 Every input row gives exactly one output row (:data:`COLUMNS`). Fault tolerance is Ray's own,
@@ -40,19 +45,25 @@ import numpy as np
 import ray
 import ray.data
 
-from .inputs import open_image
+from .inputs import MultiFrameImage, open_image
+from .scan import walk
 from .vocabulary import MIN_SCORE, SHAPES
 
 log = logging.getLogger(__name__)
 
-#: File extensions read by :func:`read_images` (the local scan's set).
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif")
+#: Image file extensions read by :func:`read_images` (the local scan's set).
+IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in walk.IMAGE_EXTENSIONS)
+#: Video file extensions read by :func:`read_images`, checked frame by frame (the local scan's set;
+#: animations are found by content).
+VIDEO_EXTENSIONS = tuple(e.lstrip(".") for e in walk.VIDEO_EXTENSIONS)
 #: One output row per input row. ``probs``, ``parts`` and ``regions`` are JSON text, ``""`` when
 #: there is none: ``parts`` with a second opinion, each model's own scores (a list of ``{"model",
 #: "scored", "levels", "probs", "problem"}``, the local scan's JSONL ``parts``); ``regions`` in
 #: region mode, the regions the image is censored in (a list of ``{"label", "score", "box"}``, box
-#: in the image's pixels; ``[]`` for none, as in the local scan's JSONL).
-COLUMNS = ("id", "size", "width", "height", "status", "flagged", "neutral", "low", "medium", "high",
+#: in the image's pixels; ``[]`` for none, as in the local scan's JSONL); ``frames`` for an
+#: animation or video, "checked/total" frames (``""`` for a still image; its levels are the max
+#: over its frames, its regions the first flagged frame's).
+COLUMNS = ("id", "size", "width", "height", "frames", "status", "flagged", "neutral", "low", "medium", "high",
            "probs", "reason", "action", "model", "revision", "parts", "regions")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit, as in `scan`
 
@@ -60,9 +71,9 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit, as in `sc
 # --- readers: every one gives rows {"id": str, "bytes": binary} ------------------------------
 
 def read_images(paths: str | Sequence[str], *, filesystem: Any = None,
-                extensions: Sequence[str] = IMAGE_EXTENSIONS) -> ray.data.Dataset:
-    """Image files under folders (recursively) or listed paths, on any filesystem pyarrow reads
-    (local, ``s3://``, ``gs://``...). The id is the file's path."""
+                extensions: Sequence[str] = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS) -> ray.data.Dataset:
+    """Image and video files under folders (recursively) or listed paths, on any filesystem
+    pyarrow reads (local, ``s3://``, ``gs://``...). The id is the file's path."""
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem,
                                     file_extensions=list(extensions))
     return ds.rename_columns({"path": "id"})
@@ -133,20 +144,40 @@ def _webdataset_rows(batch, extensions: tuple[str, ...]):
 # --- decode (CPU tasks) and score (actors) ----------------------------------------------------
 
 def _decode(batch: dict[str, np.ndarray], max_pixels: int) -> dict[str, np.ndarray]:
-    """Runs in a CPU task: bytes -> PIL image, or the reason it cannot be read."""
-    images, errors, sizes = [], [], []
+    """Runs in a CPU task: bytes -> PIL image, or the reason it cannot be read; an animation or a
+    video keeps its bytes (``moving``: the suffix its temporary file takes), for ``check_video``."""
+    images, errors, sizes, moving, data_out = [], [], [], [], []
     for key, data in zip(batch["id"], batch["bytes"]):
         sizes.append(0 if data is None else len(data))
+        image, error, suffix = None, "", ""
         try:
             if not data:
                 raise ValueError("empty file (0 bytes)")
-            images.append(open_image(io.BytesIO(data), max_pixels, name=str(key)))
-            errors.append("")
+            ext = os.path.splitext(str(key))[1].lower()
+            if ext.lstrip(".") in VIDEO_EXTENSIONS:
+                suffix = ext
+            else:
+                try:
+                    image = open_image(io.BytesIO(data), max_pixels, name=str(key))
+                except MultiFrameImage:
+                    suffix = _animation_suffix(data)
         except Exception as e:  # noqa: BLE001 -- any failure is an error row, never a crash or a pass
-            images.append(None)
-            errors.append(f"error: {e}" if isinstance(e, ValueError) else f"error: {type(e).__name__}: {e}")
+            error = f"error: {e}" if isinstance(e, ValueError) else f"error: {type(e).__name__}: {e}"
+        images.append(image)
+        errors.append(error)
+        moving.append(suffix)
+        data_out.append(data if suffix else None)
     return {"id": batch["id"], "size": np.array(sizes, dtype=np.int64), "image": _objects(images),
-            "error": np.array(errors, dtype=object)}
+            "error": np.array(errors, dtype=object), "moving": np.array(moving, dtype=object),
+            "data": _objects(data_out)}
+
+
+def _animation_suffix(data: bytes) -> str:
+    """The suffix of an animation's format (".gif", ".png", ".webp"...): its censored copy keeps it."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return "." + (im.format or "bin").lower()
 
 
 def _objects(items: list) -> np.ndarray:
@@ -164,12 +195,13 @@ class _Scorer:
         self.guard = load_filter(opts, opts.action)
         self.detector = self.guard.detector
         self.censor = censor
+        self.max_pixels = opts.max_pixels
         self.parts = _parts  # each model's own scores, as the local scan's rows give them
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["id"])
         rows = [_row(key, size) for key, size in zip(batch["id"], batch["size"])]
-        good = [i for i in range(n) if not batch["error"][i]]
+        good = [i for i in range(n) if not batch["error"][i] and not batch["moving"][i]]
         for i in range(n):
             if batch["error"][i]:
                 rows[i].update(status="error", flagged=True, reason=batch["error"][i])
@@ -191,6 +223,9 @@ class _Scorer:
                     **({k: float(v) for k, v in dicts[j]["levels"].items()} if scored else {}))
                 if self.censor and result.actions[j] != "none":
                     censored[i] = _encode(result.images[j], images[j].format)
+        for i in range(n):
+            if batch["moving"][i] and not batch["error"][i]:
+                censored[i] = self._moving(rows[i], batch["data"][i], batch["moving"][i])
         out = {c: np.array([r[c] for r in rows], dtype=object) for c in COLUMNS}
         for c in ("size", "width", "height"):
             out[c] = np.array([-1 if r[c] is None else r[c] for r in rows], dtype=np.int64)
@@ -203,9 +238,57 @@ class _Scorer:
             out["censored"] = _objects(censored)
         return out
 
+    def _moving(self, row: dict[str, Any], data: bytes, suffix: str) -> bytes | None:
+        """Check an animation or video frame by frame, as the local scan does: ``row`` filled in
+        place; returns its censored copy (same format) when asked and made, else None."""
+        import tempfile
+
+        # lazy: PyAV and the video module only when an animation or video is met
+        from .frames import VideoLimits
+        from .frames import write_censored as write_censored_video
+        from .scan.run import _without_path, first_flagged, video_values
+        from .video import check_video
+
+        key = str(row["id"])
+        with tempfile.TemporaryDirectory(prefix="nsfw-safety-") as tmp:  # removed whatever happens
+            path = os.path.join(tmp, "input" + suffix)
+            with open(path, "wb") as fh:
+                fh.write(data)
+            try:
+                result = check_video(path, self.guard, limits=VideoLimits(max_pixels=self.max_pixels))
+            except Exception as e:  # noqa: BLE001 -- not checked at all: an error row with the reason
+                msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                row.update(status="error", flagged=True, reason="error: " + _without_path(msg, path))
+                return None
+            failed = result.error is not None or result.levels is None
+            first = (first_flagged(path, result, self.guard)
+                     if result.flagged and not failed and self.guard.regions is not None else None)
+            values = video_values(result, self.guard, first)
+            values["reason"] = values["reason"].replace(path, key)  # never the temporary file's name
+            values.pop("models", None)  # the report's column, made from parts
+            if values.get("parts") is not None:
+                values["parts"] = json.dumps(values["parts"])
+            if "regions" in values:
+                values["regions"] = json.dumps(values["regions"])
+            row.update(values)
+            # frames were censored in the check (its actions) only for a check that finished
+            row["action"] = self.guard.action if result.flagged and not failed else "none"
+            if not (self.censor and result.flagged):
+                return None
+            if failed:
+                row["reason"] += "; no censored copy: the check did not finish"
+                return None
+            try:
+                copy = write_censored_video(path, result, os.path.join(tmp, "censored" + suffix), self.guard)
+                return copy.read_bytes()
+            except Exception as e:  # noqa: BLE001 -- a format that cannot be written...: no copy, said so
+                row.update(status="error", flagged=True, action="none",
+                           reason=f"{row['reason']}; error writing the censored copy: {str(e).replace(path, key)}")
+                return None
+
 
 def _row(key: str, size: int) -> dict[str, Any]:
-    return {"id": key, "size": size, "width": None, "height": None, "status": "", "flagged": True,
+    return {"id": key, "size": size, "width": None, "height": None, "frames": "", "status": "", "flagged": True,
             "neutral": None, "low": None, "medium": None, "high": None, "probs": "", "reason": "",
             "action": "none", "model": "", "revision": "", "parts": "", "regions": ""}
 
@@ -247,13 +330,16 @@ def score_dataset(ds: ray.data.Dataset, model: str = "eva", *, level: str = "med
             classes, detector (an ``.onnx`` path every worker can read; None: the ``nudenet``
             package's), threshold, expand, shape and feather; None: off.
         censor: add a ``censored`` column: the censored image, encoded in its input's format,
-            for flagged rows (None for the others).
+            for flagged rows (None for the others); for an animation or video, its censored copy
+            in its own format (:func:`nsfw_safety.frames.write_censored`), None when its check did
+            not finish (the reason says no copy was made).
         batch_size: images per model call in an actor.
         actors: actor pool size; default: one per GPU in the cluster, else one per 4 CPUs (at
             least one).
         num_gpus, num_cpus: resources of each actor; default: 1 GPU each when the cluster has
             GPUs, else 1 CPU.
-        max_pixels: larger images are error rows, refused from their header before decoding.
+        max_pixels: larger images (and animation or video frames) are error rows, refused from
+            their header before decoding.
     Returns:
         One row per input row, columns :data:`COLUMNS` (+ ``censored``): status is ``ok``,
         ``flagged`` or ``error``; an error row is flagged (fail closed).

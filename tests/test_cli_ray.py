@@ -1,5 +1,6 @@
 """``nsfw-safety scan --engine ray`` in real subprocesses, each starting its own local Ray (three
-start-ups in all: a scan with an unreadable file, then a re-run that skips everything; a second
+start-ups in all: a scan with an unreadable file, an animation and a video, then a re-run that
+skips everything; a second
 opinion in region mode, whose re-runs with other settings are refused before Ray starts)."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image
 pytest.importorskip("ray")
 import pyarrow.parquet as pq  # noqa: E402
 from region_images import astronaut, wheel_scene  # noqa: E402
+from videos import pictures, write_animation, write_video  # noqa: E402
 
 from nsfw_safety import SafetyFilter, load_detector  # noqa: E402
 from nsfw_safety.cli import main  # noqa: E402
@@ -29,7 +31,17 @@ def _scan(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"})
 
 
-def test_scan_engine_ray_errors_and_resume(tmp_path, eva_dir):
+def _one_flagged_in_the_middle(eva_dir) -> list[Image.Image]:
+    """Five frames whose "low" score (tiny model, fp32) is far below 0.6 but for the middle one's:
+    the two lowest-scored pictures alternate around the highest (margins for GIF colours and H.264)."""
+    pics = pictures(12)
+    low = load_detector(str(eva_dir), dtype="fp32").predict(pics).levels[:, 1].tolist()
+    ranked = sorted(range(12), key=low.__getitem__)
+    assert low[ranked[1]] < 0.1 and low[ranked[-1]] > 0.9, low
+    return [pics[i] for i in (ranked[0], ranked[1], ranked[-1], ranked[0], ranked[1])]
+
+
+def test_scan_engine_ray_errors_and_resume(tmp_path, eva_dir, capsys):
     src, out, report = tmp_path / "src", tmp_path / "out", tmp_path / "report.csv"
     (src / "sub").mkdir(parents=True)
     images = {}
@@ -38,22 +50,26 @@ def test_scan_engine_ray_errors_and_resume(tmp_path, eva_dir):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 40 + i, 3), dtype=np.uint8)).save(path)
         images[str(path)] = Image.open(path)
     (src / "broken.png").write_bytes(b"not an image at all")
+    pytest.importorskip("av")
+    frames = _one_flagged_in_the_middle(eva_dir)
+    moving = [str(write_animation(src / "anim.gif", frames, [100] * 5)),
+              str(write_video(src / "sub" / "clip.mp4", [np.asarray(f) for f in frames], audio=False))]
 
     first = _scan(str(src), "--out", str(out), "--model", str(eva_dir), "--level", "low", "--threshold", "0.6",
                   "--report", str(report))
     assert first.returncode == 2, first.stderr[-3000:]
     summary = json.loads(first.stdout)
-    assert (summary["files"], summary["scanned"], summary["skipped"], summary["errors"]) == (6, 6, 0, 1)
-    assert summary["flagged"] + summary["clean"] == 5 and summary["parquet"] == str(out)
+    assert (summary["files"], summary["scanned"], summary["skipped"], summary["errors"]) == (8, 8, 0, 1)
+    assert summary["flagged"] + summary["clean"] == 7 and summary["parquet"] == str(out)
     assert str(src / "broken.png") in first.stderr
 
     # the Parquet rows and the report: one per file, values as the library's SafetyFilter gives them
     table = pq.read_table(out)
-    assert sorted(table.column("id").to_pylist()) == sorted([*images, str(src / "broken.png")])
+    assert sorted(table.column("id").to_pylist()) == sorted([*images, *moving, str(src / "broken.png")])
     result = SafetyFilter(load_detector(str(eva_dir)), level="low", threshold=0.6)(list(images.values()))
     with open(report, newline="") as fh:
         rows = {r["path"]: r for r in csv.DictReader(fh)}
-    assert len(rows) == 6
+    assert len(rows) == 8
     bad = rows[str(src / "broken.png")]
     assert (bad["status"], bad["flagged"], bad["low"], bad["rules"]) == ("error", "true", "", "low=0.6")
     for (path, image), flagged, reason, scores in zip(images.items(), result.flagged, result.reasons,
@@ -64,15 +80,32 @@ def test_scan_engine_ray_errors_and_resume(tmp_path, eva_dir):
         assert (int(row["width"]), int(row["height"])) == image.size
         for level, value in scores["levels"].items():
             assert float(row[level]) == pytest.approx(value, abs=1e-6)
-    assert summary["flagged"] == sum(result.flagged)
+    assert summary["flagged"] == sum(result.flagged) + 2
+
+    # the animation and the video: every frame checked, one row each, the local scan's values
+    local_report = tmp_path / "local.csv"
+    assert main(["scan", str(src), "--model", str(eva_dir), "--level", "low", "--threshold", "0.6", "--dtype", "fp32",
+                 "--report", str(local_report), "--json"]) == 2
+    capsys.readouterr()
+    with open(local_report, newline="") as fh:
+        local = {r["path"]: r for r in csv.DictReader(fh)}
+    for path in moving:
+        row, lib = rows[path], local[path]
+        assert lib["frames"] == "5/5" and lib["reason"].startswith("checked 5 of 5 frames; flagged 1: 2 ("), lib
+        for k in ("frames", "status", "flagged", "reason", "width", "height"):
+            assert row[k] == lib[k], (path, k)
+        assert row["action"] == "blur"  # as for still images: the filter's censoring (the local scan's: what it wrote)
+        for level in ("neutral", "low", "medium", "high"):
+            assert float(row[level]) == pytest.approx(float(lib[level]), abs=1e-6)
+    assert {r["frames"] for p, r in rows.items() if p not in moving} == {""}
 
     # a re-run skips every file, writes no Parquet file, and answers the same
     files = sorted(out.glob("*.parquet"))
     again = _scan(str(src), "--out", str(out), "--model", str(eva_dir), "--level", "low", "--threshold", "0.6")
     assert again.returncode == 2, again.stderr[-3000:]
     summary2 = json.loads(again.stdout)
-    assert (summary2["files"], summary2["scanned"], summary2["skipped"], summary2["errors"]) == (6, 0, 6, 1)
-    assert sorted(out.glob("*.parquet")) == files and pq.read_table(out).num_rows == 6
+    assert (summary2["files"], summary2["scanned"], summary2["skipped"], summary2["errors"]) == (8, 0, 8, 1)
+    assert sorted(out.glob("*.parquet")) == files and pq.read_table(out).num_rows == 8
 
 
 def test_engine_ray_arguments_checked_without_ray(tmp_path, capsys):

@@ -6,6 +6,9 @@ and the optional ``--report`` are made from all the Parquet rows in the folder, 
 scan's are from all the rows in its report, so a re-run that skips everything gives the same
 exit code.
 
+Animations and videos are checked frame by frame, one row per file, as the local scan checks them
+(``frames`` = checked/total, the levels the max over the frames).
+
 Parquet rows keep :data:`nsfw_safety.ray.COLUMNS` (``id`` is the file's absolute path or URL;
 ``probs`` the class probabilities, ``parts`` each model's own scores with ``--second-opinion``,
 ``regions`` the regions with ``--regions``, as JSON). A ``--report`` has the local scan's
@@ -124,6 +127,7 @@ def _local_row(r: dict[str, Any], settings: dict[str, str]) -> dict[str, Any]:
     row = dict.fromkeys(COLUMNS)
     row.update(path=r["id"], size=r["size"], status=r["status"], flagged=r["flagged"], reason=r["reason"],
                action=r["action"], output="", moved_to="", **{k: settings[k] for k in SETTINGS})
+    row["frames"] = r.get("frames") or None  # an animation or video: "checked/total"
     row["parts"] = json.loads(r["parts"]) if r["parts"] else None
     row["models"] = models_text(row["parts"])
     row["regions"] = json.loads(r["regions"]) if r["regions"] else None

@@ -300,23 +300,11 @@ class _Batches:
             return self._row(f, status="error", flagged=True, reason="error: " + _without_path(msg, f.path)), None
         if self.frames is not None:  # before the batch's rows: a row always follows its file's lines
             self._write_frames(frame_lines(f.path, f.size, f.mtime_ns, result))
-        info = result.source
-        failed = result.error is not None or result.levels is None  # "checked N of M frames, then: ..."
-        row = self._row(f, width=info.width, height=info.height, frames=f"{len(result.checked)}/{result.total}",
-                        status="error" if failed else ("flagged" if result.flagged else "ok"),
-                        flagged=result.flagged, reason=result.reason, **(result.levels or {}))
+        failed = result.error is not None or result.levels is None
         # the first flagged frame, censored as the copy censors it: the poster, and the row's regions
-        first = self._first_flagged(f, result) if result.flagged and not failed and (
+        first = first_flagged(f.path, result, self.guard) if result.flagged and not failed and (
             self.html is not None or self.guard.regions is not None) else None
-        if self.guard.regions is not None:
-            row["regions"] = [r.to_dict() for r in first.regions[0]] if first is not None else []
-            if first is not None and first.notes[0]:
-                row["reason"] += f"; first flagged frame {result.flagged_frames[0]}: {first.notes[0]}"
-            elif first is None and result.flagged and not failed:
-                row["reason"] += f"; frame {result.flagged_frames[0]} could not be read back for its regions"
-        if result.scores is not None and result.scores.parts is not None:  # each model's max over its frames
-            row["parts"] = frames_parts(result.scores.parts.to_dicts())
-            row["models"] = models_text(row["parts"])
+        row = self._row(f, **video_values(result, self.guard, first))
         done = []
         try:
             if result.flagged and not failed and opts.out is not None:
@@ -336,25 +324,6 @@ class _Batches:
         poster = self._poster(f, result, first) if self.html is not None and row["status"] != "error" else None
         return row, poster
 
-    def _first_flagged(self, f: Found, result: Any) -> Any:
-        """The first flagged frame, censored by the filter as the ``--out`` copy censors it (in
-        region mode: in its own regions, unless its check failed): a ``Censored`` of one image,
-        or None when the frame cannot be read back."""
-        index = result.flagged_frames[0]
-        try:
-            image = self._frame(f, result, index)
-            search = [0] if index not in result.failed else []
-            return censor_decoded([image], [result.actions.get(index, "none")], self.guard, search=search)
-        except Exception:  # the row stands; the page shows no thumbnail
-            return None
-
-    def _frame(self, f: Found, result: Any, index: int) -> Any:
-        frames = read_frames(f.path, select=lambda i, t: i == index, info=result.source)
-        try:
-            return next(fr.image for fr in frames if fr.index == index)
-        finally:
-            frames.close()
-
     def _poster(self, f: Found, result: Any, first: Any) -> Image.Image | None:
         """The frame the page shows: ``first``, the first flagged frame censored (None when the
         action censors nothing: an uncensored flagged frame is never shown), or the first frame."""
@@ -364,7 +333,7 @@ class _Batches:
             image = first.images[0]
         else:
             try:
-                image = self._frame(f, result, 0)
+                image = read_frame(f.path, result, 0)
             except Exception:  # the row stands; the page shows no thumbnail
                 return None
         return image if isinstance(image, Image.Image) else Image.fromarray(image)
@@ -412,6 +381,51 @@ class _Batches:
             self.report.write(rows)
         except OSError as e:
             raise ScanError(f"cannot write the report {str(self.report.path)!r}: {e.strerror or e}") from e
+
+
+def video_values(result: Any, guard: SafetyFilter, first: Any) -> dict[str, Any]:
+    """The row values of an animation or video checked by ``check_video`` (``result``), as every
+    engine writes them: frame size, ``frames`` = checked/total, status, the levels = the max over its
+    frames, the reason; in region mode the regions of the first flagged frame (``first``, from
+    :func:`first_flagged`, None when it was not read back); with a second opinion each model's max.
+    """
+    info = result.source
+    failed = result.error is not None or result.levels is None  # "checked N of M frames, then: ..."
+    row = dict(width=info.width, height=info.height, frames=f"{len(result.checked)}/{result.total}",
+               status="error" if failed else ("flagged" if result.flagged else "ok"),
+               flagged=result.flagged, reason=result.reason, **(result.levels or {}))
+    if guard.regions is not None:
+        row["regions"] = [r.to_dict() for r in first.regions[0]] if first is not None else []
+        if first is not None and first.notes[0]:
+            row["reason"] += f"; first flagged frame {result.flagged_frames[0]}: {first.notes[0]}"
+        elif first is None and result.flagged and not failed:
+            row["reason"] += f"; frame {result.flagged_frames[0]} could not be read back for its regions"
+    if result.scores is not None and result.scores.parts is not None:  # each model's max over its frames
+        row["parts"] = frames_parts(result.scores.parts.to_dicts())
+        row["models"] = models_text(row["parts"])
+    return row
+
+
+def first_flagged(path: str, result: Any, guard: SafetyFilter) -> Any:
+    """The first flagged frame of the file ``result`` checked, censored by ``guard`` as the
+    censored copy censors it (in region mode: in its own regions, unless its check failed): a
+    ``Censored`` of one image, or None when the frame cannot be read back."""
+    index = result.flagged_frames[0]
+    try:
+        image = read_frame(path, result, index)
+        search = [0] if index not in result.failed else []
+        return censor_decoded([image], [result.actions.get(index, "none")], guard, search=search)
+    except Exception:  # the row stands, without the frame's regions or a thumbnail
+        return None
+
+
+def read_frame(path: str, result: Any, index: int) -> Any:
+    """Frame ``index`` of the file ``result`` checked, decoded again."""
+    frames = read_frames(path, select=lambda i, t: i == index, info=result.source)
+    try:
+        return next(fr.image for fr in frames if fr.index == index)
+    finally:
+        frames.close()
 
 
 def _pipeline(batches: _Batches, todo: list[Found], opts: ScanOptions, progress) -> None:
