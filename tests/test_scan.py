@@ -44,6 +44,13 @@ def digest(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def readable_copy(folder: Path, to: Path) -> Path:
+    """A copy of ``folder`` at ``to`` that every user may read (for the runs as another user)."""
+    shutil.copytree(folder, to)
+    subprocess.run(["chmod", "-R", "a+rX", str(to)], check=True)
+    return to
+
+
 def files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
@@ -446,9 +453,7 @@ def test_folder_that_cannot_be_listed_is_an_error_row(shared, eva_safe_dir, zygo
     """As nobody: a folder it may not list hides images, so the scan cannot exit 0."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run as nobody")
-    model = shared / "safe"
-    shutil.copytree(eva_safe_dir, model)
-    subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)
+    model = readable_copy(eva_safe_dir, shared / "safe")
     root = shared / "in"
     noise(root / "open/a.png", 1)
     noise(root / "closed/b.png", 2)
@@ -494,9 +499,7 @@ def test_in_place_as_another_user(shared, eva_nsfw_dir, zygote):
     changing its owner, so it is an error row, with or without --force, and stays as it was."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run as nobody")
-    model = shared / "nsfw"
-    shutil.copytree(eva_nsfw_dir, model)
-    subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)
+    model = readable_copy(eva_nsfw_dir, shared / "nsfw")
     root = shared / "in"
     theirs = noise(root / "roots.png", 1)   # root's, 0644: read-only for nobody
     mine = noise(root / "mine.png", 2)
